@@ -1,0 +1,157 @@
+"""Model state: every layer's W, b, P, g, the input standardisation, class and feature names.
+
+On disk a model directory holds `model.npz` (arrays, no pickle) and `model.json` (metadata and the
+sha256 of `model.npz`). Export adds `model.onnx` and `manifest.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ModelError
+from .files import atomic_write_bytes, pack_arrays, sha256_file, unpack_arrays
+from .spl import forward, standardize
+
+FORMAT = 1
+STATE_FILE = "model.npz"
+META_FILE = "model.json"
+
+
+@dataclass
+class ModelState:
+    """A trained SPL model. `layers[:-1]` are hidden SPL layers (W, b, P, g), `layers[-1]` is the
+    prototype head (P, g). All arrays float32, C-contiguous."""
+
+    layers: list[dict[str, np.ndarray]]
+    mean: np.ndarray
+    std: np.ndarray
+    class_names: list[str]
+    feature_names: list[str]
+    model_id: str = "model"
+    version: int = 0
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.layers = [{k: np.ascontiguousarray(v, np.float32) for k, v in L.items()} for L in self.layers]
+        self.mean = np.ascontiguousarray(self.mean, np.float32)
+        self.std = np.ascontiguousarray(self.std, np.float32)
+        self.validate()
+
+    @property
+    def sizes(self) -> list[int]:
+        """[d_in, hidden..., n_classes]"""
+        return [self.layers[0]["P"].shape[1]] + [L["P"].shape[0] for L in self.layers]
+
+    def validate(self) -> None:
+        if not self.layers:
+            raise ModelError("model has no layers")
+        d = self.mean.shape[0]
+        if self.std.shape != (d,) or not np.all(self.std > 0):
+            raise ModelError(f"standardisation must be {d} positive stds, got shape {self.std.shape}")
+        if len(self.feature_names) != d:
+            raise ModelError(f"{len(self.feature_names)} feature names for {d} inputs")
+        for i, L in enumerate(self.layers):
+            head = i == len(self.layers) - 1
+            want = {"P", "g"} if head else {"W", "b", "P", "g"}
+            if set(L) != want:
+                raise ModelError(f"layer {i} has arrays {sorted(L)}, expected {sorted(want)}")
+            d_out, d_in = L["P"].shape
+            if d_in != d:
+                raise ModelError(f"layer {i} takes {d_in} inputs, previous layer gives {d}")
+            shapes = {"P": (d_out, d_in), "g": (d_out,), "W": (d_out, d_in), "b": (d_out,)}
+            for k, a in L.items():
+                if a.shape != shapes[k]:
+                    raise ModelError(f"layer {i} {k} has shape {a.shape}, expected {shapes[k]}")
+                if not np.all(np.isfinite(a)):
+                    raise ModelError(f"layer {i} {k} has non-finite values")
+            d = d_out
+        if d != len(self.class_names):
+            raise ModelError(f"head has {d} outputs for {len(self.class_names)} class names")
+
+    def prototypes(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The adaptable part: (P, g) per layer, copied."""
+        return [(L["P"].copy(), L["g"].copy()) for L in self.layers]
+
+    def with_prototypes(self, protos) -> "ModelState":
+        layers = [dict(L) for L in self.layers]
+        for L, (P, g) in zip(layers, protos):
+            L["P"], L["g"] = P, g
+        return ModelState(layers, self.mean, self.std, self.class_names, self.feature_names,
+                          self.model_id, self.version, dict(self.info))
+
+    def predict_logits(self, x_raw: np.ndarray) -> np.ndarray:
+        """Raw feature rows in, logits out (numpy reference path)."""
+        return forward(self.layers, standardize(x_raw, self.mean, self.std))[0]
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"mean": self.mean, "std": self.std}
+        for i, L in enumerate(self.layers):
+            for k, a in L.items():
+                out[f"{k}{i}"] = a
+        return out
+
+    def save(self, model_dir: str | os.PathLike) -> None:
+        os.makedirs(model_dir, exist_ok=True)
+        atomic_write_bytes(os.path.join(model_dir, STATE_FILE), pack_arrays(self.arrays()))
+        meta = {
+            "format": FORMAT,
+            "model_id": self.model_id,
+            "version": self.version,
+            "sizes": self.sizes,
+            "class_names": self.class_names,
+            "feature_names": self.feature_names,
+            "sha256": sha256_file(os.path.join(model_dir, STATE_FILE)),
+            "info": self.info,
+        }
+        atomic_write_bytes(os.path.join(model_dir, META_FILE), json.dumps(meta, indent=2).encode())
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike) -> "ModelState":
+        meta_path = os.path.join(model_dir, META_FILE)
+        state_path = os.path.join(model_dir, STATE_FILE)
+        for p in (meta_path, state_path):
+            if not os.path.isfile(p):
+                raise ModelError(f"{p} not found: is {model_dir} a model directory made by `edge-spl train`?")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            if meta.get("format") != FORMAT:
+                raise ModelError(f"{meta_path}: format {meta.get('format')!r}, this edge-spl reads {FORMAT}")
+            if sha256_file(state_path) != meta["sha256"]:
+                raise ModelError(f"{state_path} does not match the sha256 in {META_FILE} (corrupt or replaced)")
+            with open(state_path, "rb") as f:
+                arrays = unpack_arrays(f.read())
+            n_layers = len(meta["sizes"]) - 1
+            layers = []
+            for i in range(n_layers):
+                keys = ("P", "g") if i == n_layers - 1 else ("W", "b", "P", "g")
+                layers.append({k: arrays[f"{k}{i}"] for k in keys})
+            return cls(layers, arrays["mean"], arrays["std"], list(meta["class_names"]),
+                       list(meta["feature_names"]), meta.get("model_id", "model"),
+                       int(meta.get("version", 0)), dict(meta.get("info", {})))
+        except ModelError:
+            raise
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{model_dir}: unreadable model ({type(e).__name__}: {e})") from None
+
+
+def init_model(sizes: list[int], mean, std, class_names, feature_names, seed: int = 0,
+               model_id: str = "model") -> ModelState:
+    """A freshly initialised model of the given sizes [d_in, hidden..., n_classes]."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        P = rng.standard_normal((d_out, d_in)).astype(np.float32)
+        P /= np.linalg.norm(P, axis=1, keepdims=True) / np.sqrt(d_in)
+        g = np.zeros(d_out, np.float32)
+        if i == len(sizes) - 2:
+            layers.append({"P": P * 0.1, "g": g})
+        else:
+            W = (rng.standard_normal((d_out, d_in)) * np.sqrt(2.0 / d_in)).astype(np.float32)
+            layers.append({"W": W, "b": np.zeros(d_out, np.float32), "P": P, "g": g})
+    return ModelState(layers, mean, std, list(class_names), list(feature_names), model_id)

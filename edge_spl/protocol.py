@@ -1,0 +1,292 @@
+"""The wire protocol: every topic and every payload that device and server exchange.
+
+Nothing else builds a topic string or a payload. Binary payloads are an envelope:
+
+    b"ESPL" | kind (1 byte) | format (1 byte) | header length (uint32, big-endian) | header | body
+
+where the header is UTF-8 JSON (its `body_sha256` checks the body) and the body an .npz of plain
+arrays (never pickle). Every payload is size-checked on encode and on decode.
+
+Topics, under `edge-spl/<fleet>/`:
+    model/manifest     retained  manifest JSON (shapes, standardisation, class names, ONNX sha256)
+    model/onnx         retained  the ONNX file's bytes
+    release            retained  the newest prototype version (Release)
+    delta/<device>     device -> server, QoS 1 (PrototypeDelta)
+    status/<device>    retained  device status JSON; the broker publishes the last will (offline)
+    ack/<device>       server -> device (Ack JSON)
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ProtocolError
+from .files import pack_arrays, sha256_hex, unpack_arrays
+
+ROOT = "edge-spl"
+FORMAT = 1
+MAGIC = b"ESPL"
+KIND_DELTA = 1
+KIND_RELEASE = 2
+# mosquitto accepts up to 256 MB by default but brokers are often set lower; a delta or release
+# of the demo model is ~0.5 MB, the ONNX file ~1 MB.
+DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HEAD = struct.Struct(">4sBBI")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Device ids and fleet names become topic levels: no '/', '+', '#', nothing empty."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ProtocolError(f"{kind} {name!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return name
+
+
+@dataclass(frozen=True)
+class Topics:
+    fleet: str = "default"
+
+    def __post_init__(self):
+        check_name("fleet", self.fleet)
+
+    @property
+    def base(self) -> str:
+        return f"{ROOT}/{self.fleet}"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.base}/model/manifest"
+
+    @property
+    def onnx(self) -> str:
+        return f"{self.base}/model/onnx"
+
+    @property
+    def release(self) -> str:
+        return f"{self.base}/release"
+
+    def delta(self, device: str) -> str:
+        return f"{self.base}/delta/{check_name('device id', device)}"
+
+    @property
+    def all_deltas(self) -> str:
+        return f"{self.base}/delta/+"
+
+    def status(self, device: str) -> str:
+        return f"{self.base}/status/{check_name('device id', device)}"
+
+    @property
+    def all_status(self) -> str:
+        return f"{self.base}/status/+"
+
+    def ack(self, device: str) -> str:
+        return f"{self.base}/ack/{check_name('device id', device)}"
+
+    def device_of(self, topic: str, kind: str) -> str | None:
+        """The device id in `<base>/<kind>/<device>`, or None when the topic is not of that form."""
+        prefix = f"{self.base}/{kind}/"
+        if not topic.startswith(prefix):
+            return None
+        dev = topic[len(prefix):]
+        return dev if _NAME_RE.match(dev) else None
+
+
+# -- envelope ---------------------------------------------------------------------------------
+
+def _encode(kind: int, header: dict, arrays: dict, max_bytes: int) -> bytes:
+    body = pack_arrays(arrays)
+    header = dict(header, body_sha256=sha256_hex(body))
+    h = json.dumps(header, separators=(",", ":")).encode()
+    out = _HEAD.pack(MAGIC, kind, FORMAT, len(h)) + h + body
+    if len(out) > max_bytes:
+        raise ProtocolError(f"payload is {len(out)} bytes, over the {max_bytes}-byte limit")
+    return out
+
+
+def _decode(kind: int, payload: bytes, max_bytes: int) -> tuple[dict, dict]:
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"payload is {len(payload)} bytes, over the {max_bytes}-byte limit")
+    if len(payload) < _HEAD.size:
+        raise ProtocolError(f"payload of {len(payload)} bytes is too short")
+    magic, k, fmt, hlen = _HEAD.unpack_from(payload)
+    if magic != MAGIC:
+        raise ProtocolError("not an edge-spl payload (bad magic)")
+    if fmt != FORMAT:
+        raise ProtocolError(f"payload format {fmt}, this edge-spl speaks {FORMAT}")
+    if k != kind:
+        raise ProtocolError(f"payload kind {k}, expected {kind}")
+    if _HEAD.size + hlen > len(payload):
+        raise ProtocolError("header length runs past the payload")
+    try:
+        header = json.loads(payload[_HEAD.size:_HEAD.size + hlen])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    body = payload[_HEAD.size + hlen:]
+    if header.get("body_sha256") != sha256_hex(body):
+        raise ProtocolError("body checksum mismatch")
+    try:
+        arrays = unpack_arrays(body)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
+    return header, arrays
+
+
+def _field(header: dict, name: str, typ):
+    v = header.get(name)
+    if typ is int and isinstance(v, bool) or not isinstance(v, typ):
+        raise ProtocolError(f"header field {name!r} missing or not {typ.__name__}")
+    return v
+
+
+def _array(arrays: dict, name: str, dtype, ndim: int) -> np.ndarray:
+    a = arrays.get(name)
+    if a is None:
+        raise ProtocolError(f"array {name!r} missing")
+    if a.dtype != dtype or a.ndim != ndim:
+        raise ProtocolError(f"array {name!r} is {a.dtype}[{a.ndim}d], expected {np.dtype(dtype)}[{ndim}d]")
+    return np.ascontiguousarray(a)
+
+
+# -- deltas -----------------------------------------------------------------------------------
+
+@dataclass
+class LayerDelta:
+    """Touched rows of one layer: P[rows] += dP, g[rows] += dg, learned from `counts` samples."""
+    rows: np.ndarray     # int32 [k], strictly increasing
+    dP: np.ndarray       # float32 [k, d_in]
+    dg: np.ndarray       # float32 [k]
+    counts: np.ndarray   # float32 [k], > 0
+
+
+@dataclass
+class PrototypeDelta:
+    device: str
+    seq: int
+    base_version: int
+    layers: list[LayerDelta]
+
+    @property
+    def samples(self) -> float:
+        return float(max((L.counts.max() for L in self.layers if len(L.counts)), default=0.0))
+
+
+def encode_delta(d: PrototypeDelta, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> bytes:
+    check_name("device id", d.device)
+    arrays = {}
+    for i, L in enumerate(d.layers):
+        arrays[f"rows{i}"] = np.asarray(L.rows, np.int32)
+        arrays[f"dP{i}"] = np.asarray(L.dP, np.float32)
+        arrays[f"dg{i}"] = np.asarray(L.dg, np.float32)
+        arrays[f"counts{i}"] = np.asarray(L.counts, np.float32)
+    header = {"device": d.device, "seq": int(d.seq), "base_version": int(d.base_version),
+              "n_layers": len(d.layers)}
+    return _encode(KIND_DELTA, header, arrays, max_bytes)
+
+
+def decode_delta(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> PrototypeDelta:
+    """Structural checks only (types, shapes agree, finite, rows sorted, counts positive); the
+    server checks the shapes against its model."""
+    header, arrays = _decode(KIND_DELTA, payload, max_bytes)
+    device = check_name("device id", _field(header, "device", str))
+    seq = _field(header, "seq", int)
+    base = _field(header, "base_version", int)
+    n = _field(header, "n_layers", int)
+    if seq < 0 or base < 0 or not 0 < n <= 64:
+        raise ProtocolError(f"seq {seq}, base_version {base}, n_layers {n} out of range")
+    layers = []
+    for i in range(n):
+        rows = _array(arrays, f"rows{i}", np.int32, 1)
+        dP = _array(arrays, f"dP{i}", np.float32, 2)
+        dg = _array(arrays, f"dg{i}", np.float32, 1)
+        counts = _array(arrays, f"counts{i}", np.float32, 1)
+        k = len(rows)
+        if dP.shape[0] != k or dg.shape != (k,) or counts.shape != (k,):
+            raise ProtocolError(f"layer {i}: rows, dP, dg, counts disagree in length")
+        if k and (rows[0] < 0 or np.any(np.diff(rows) <= 0)):
+            raise ProtocolError(f"layer {i}: rows must be non-negative and strictly increasing")
+        if not (np.all(np.isfinite(dP)) and np.all(np.isfinite(dg)) and np.all(np.isfinite(counts))):
+            raise ProtocolError(f"layer {i}: non-finite values")
+        if np.any(counts <= 0):
+            raise ProtocolError(f"layer {i}: sample counts must be positive")
+        layers.append(LayerDelta(rows, dP, dg, counts))
+    return PrototypeDelta(device, seq, base, layers)
+
+
+# -- releases ---------------------------------------------------------------------------------
+
+@dataclass
+class Release:
+    """A prototype version published by the server: (P, g) for every layer."""
+    version: int
+    model_sha256: str                    # which model (ONNX file) these prototypes belong to
+    protos: list[tuple[np.ndarray, np.ndarray]]
+    merged: dict[str, int] = field(default_factory=dict)   # device -> highest seq merged so far
+    created: float = 0.0
+
+
+def encode_release(r: Release, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> bytes:
+    arrays = {}
+    for i, (P, g) in enumerate(r.protos):
+        arrays[f"P{i}"] = np.asarray(P, np.float32)
+        arrays[f"g{i}"] = np.asarray(g, np.float32)
+    header = {"version": int(r.version), "model_sha256": r.model_sha256, "n_layers": len(r.protos),
+              "merged": {k: int(v) for k, v in r.merged.items()}, "created": float(r.created)}
+    return _encode(KIND_RELEASE, header, arrays, max_bytes)
+
+
+def decode_release(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Release:
+    header, arrays = _decode(KIND_RELEASE, payload, max_bytes)
+    version = _field(header, "version", int)
+    sha = _field(header, "model_sha256", str)
+    n = _field(header, "n_layers", int)
+    merged = _field(header, "merged", dict)
+    if version < 0 or not 0 < n <= 64:
+        raise ProtocolError(f"version {version}, n_layers {n} out of range")
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+               for k, v in merged.items()):
+        raise ProtocolError("merged must map device ids to sequence numbers")
+    protos = []
+    for i in range(n):
+        P = _array(arrays, f"P{i}", np.float32, 2)
+        g = _array(arrays, f"g{i}", np.float32, 1)
+        if g.shape[0] != P.shape[0]:
+            raise ProtocolError(f"layer {i}: P has {P.shape[0]} rows, g has {g.shape[0]}")
+        if not (np.all(np.isfinite(P)) and np.all(np.isfinite(g))):
+            raise ProtocolError(f"layer {i}: non-finite values")
+        protos.append((P, g))
+    return Release(version, sha, protos, dict(merged), float(header.get("created", 0.0)))
+
+
+# -- small JSON messages ----------------------------------------------------------------------
+
+def encode_json(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_json(payload: bytes, max_bytes: int = 1 << 20) -> dict:
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"JSON payload of {len(payload)} bytes is over {max_bytes}")
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("not a JSON object")
+    return obj
+
+
+def status_payload(device: str, online: bool, version: int = -1, samples: int = 0,
+                   outbox: int = 0) -> bytes:
+    return encode_json({"device": device, "online": online, "version": version,
+                        "samples": samples, "outbox": outbox})
+
+
+def ack_payload(device: str, seq: int, accepted: bool, reason: str, version: int) -> bytes:
+    return encode_json({"device": device, "seq": seq, "accepted": accepted, "reason": reason,
+                        "version": version})

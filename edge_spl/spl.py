@@ -1,0 +1,66 @@
+"""The SPL math in numpy: the single reference every other implementation is tested against.
+
+A model is a stack of hidden SPL layers followed by a prototype head.
+
+Hidden SPL layer (d_in -> d_out), parameters W (d_out x d_in), b (d_out), P (d_out x d_in), g (d_out):
+    routing = x P^T / sqrt(d_in) - g
+    mask    = routing > 0                    (hard, all-or-nothing)
+    out     = silu(x W^T + b) * mask  [+ x * (1 - mask) when d_in == d_out]
+
+Prototype head (d_in -> n_classes), parameters P (C x d_in), g (C):
+    logits  = x P^T / sqrt(d_in) - g         (the head's routing is the class score)
+
+Gates are used as they are; the reference code divided g by the layer's max |g|, which makes
+a gate's effect depend on every other gate and gives a local learner a moving target.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+Z_CLIP = 10.0  # standardised inputs are clipped to +-Z_CLIP (extreme sensor outliers; FINDINGS.md)
+
+
+def silu(z: np.ndarray) -> np.ndarray:
+    return z / (1.0 + np.exp(-z))
+
+
+def routing(x: np.ndarray, P: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """match - g, for a batch x (n x d_in)."""
+    return (x @ P.T) / np.sqrt(P.shape[1], dtype=x.dtype) - g
+
+
+def spl_forward(x, W, b, P, g):
+    """Hidden SPL layer. Returns (out, routing)."""
+    r = routing(x, P, g)
+    mask = (r > 0).astype(x.dtype)
+    out = silu(x @ W.T + b) * mask
+    if W.shape[0] == W.shape[1]:
+        out = out + x * (1.0 - mask)
+    return out, r
+
+
+def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    z = (np.asarray(x, np.float32) - mean) / std
+    return np.clip(z, -Z_CLIP, Z_CLIP).astype(np.float32)
+
+
+def forward(layers, z):
+    """Whole model on standardised inputs z (n x d). `layers` is a sequence of dicts with keys
+    W, b, P, g (hidden) and, last, P, g (head). Returns (logits, hs, rs): hs[i] is the input of
+    layer i (hs[0] is z) and rs[i] its routing (rs[-1] is the logits)."""
+    h = np.asarray(z, np.float32)
+    hs, rs = [], []
+    for layer in layers[:-1]:
+        hs.append(h)
+        h, r = spl_forward(h, layer["W"], layer["b"], layer["P"], layer["g"])
+        rs.append(r)
+    head = layers[-1]
+    hs.append(h)
+    logits = routing(h, head["P"], head["g"])
+    rs.append(logits)
+    return logits, hs, rs
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
