@@ -118,7 +118,8 @@ def _float(v: str) -> float:
 
 def load_csv(path: str, label: str | None = None, features: list[str] | None = None) -> Dataset:
     """A CSV with a header row. `features` defaults to every column other than `label` whose
-    values are all numbers. Rows with an empty label are unlabeled."""
+    values are all numbers, except a row counter (whole numbers that rise by one each row).
+    Rows with an empty label are unlabeled."""
     with _open_text(path) as f:
         reader = csv.reader(f)
         header = _header(reader, path)
@@ -134,10 +135,12 @@ def load_csv(path: str, label: str | None = None, features: list[str] | None = N
             if name == label:
                 continue
             try:
-                [_float(r[j]) for r in rows]
-                features.append(name)
+                values = np.array([_float(r[j]) for r in rows])
             except ValueError:
-                pass
+                continue
+            if len(values) > 1 and np.all(np.diff(values) == 1):
+                continue   # a row counter such as the occupancy files' "sno"
+            features.append(name)
         if not features:
             raise DataError(f"{path}: no numeric feature columns")
     missing = [c for c in features if c not in header]

@@ -21,7 +21,8 @@ Z_CLIP = 10.0  # standardised inputs are clipped to +-Z_CLIP (extreme sensor out
 
 
 def silu(z: np.ndarray) -> np.ndarray:
-    return z / (1.0 + np.exp(-z))
+    with np.errstate(over="ignore"):   # exp(-z) overflows to inf for z << 0; z/inf = -0 is right
+        return z / (1.0 + np.exp(-z))
 
 
 def routing(x: np.ndarray, P: np.ndarray, g: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ COMMANDS = {
     "device": ("device", "device"),
     "server": ("server", "server"),
     "demo": ("demo", "demo"),
+    "broker": ("broker", "demo"),
 }
 
 
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--predictions", metavar="FILE", help="also write index,prediction,label,version CSV here")
     d.add_argument("--quiet", action="store_true", help="a running summary instead of a line per sample")
     d.add_argument("--wait", type=float, default=30.0, metavar="SEC", help="how long to wait for the broker and model (default 30)")
+    d.add_argument("--lr-head", type=float, default=0.1, metavar="LR",
+                   help="step size of the label-driven FF on the class prototypes (default 0.1; 0 = off)")
+    d.add_argument("--lr-hidden", type=float, default=0.0, metavar="LR",
+                   help="step size of the unsupervised FF on hidden layers (default 0 = off)")
 
     s = sub.add_parser("server", help="merge device deltas and publish prototype versions (needs [server])",
                        description="Publish the model and prototype versions (retained), validate and "
@@ -123,7 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--devices", type=positive_int, default=3, help="device processes (default 3)")
     m.add_argument("--label-every", type=positive_int, default=1, metavar="N",
                    help="devices learn from every Nth label (default 1 = every label, after its prediction)")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--epochs", type=positive_int, default=60, help="pretraining epochs (default 60)")
+    m.add_argument("--limit", type=positive_int, metavar="N",
+                   help="stream only the first N samples of each batch (a quick try)")
+    m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    b = sub.add_parser("broker", help="run the embedded MQTT 3.1.1 broker (needs [demo])",
+                       description="A small MQTT broker (amqtt) for trying edge-spl without mosquitto. "
+                                   "For deployments use mosquitto (docs/deploy.md).")
+    b.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    b.add_argument("--port", type=int, default=0, help="port (default: a free one, printed at start)")
     return p
 
 
@@ -135,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = importlib.import_module(f"edge_spl.cli.{module}").run
     except ImportError as e:
+        if (e.name or "").startswith("edge_spl"):
+            raise
         print(f"edge-spl {args.command}: missing dependency {e.name!r}; install it with "
               f"pip install 'edge-spl[{extra}]'", file=sys.stderr)
         return 2

@@ -1,0 +1,278 @@
+"""The device learner: prequential prediction plus Forward-Forward adaptation of prototypes and
+gates, and the bookkeeping that lets local learning and server releases be combined.
+
+Per sample (`FFLearner.step`):
+  1. re-standardise the raw input with running (EMA) mean/variance, clipped to +-z_clip;
+  2. one onnxruntime call on two rows: the real z and a hybrid negative (each feature from z or
+     from the previous sample's z, by a seeded random mask);
+  3. predict from row 0 before any update (prequential);
+  4. hidden layers, unsupervised FF: the hidden_frac most strongly routed units of the positive
+     row are pushed on (target 1) for it and off (target 0) for the negative row;
+  5. with a label, the head: label-conditioned FF on the class prototypes (true class positive,
+     the others negative) -- one-vs-rest logistic steps on the logits.
+
+Sync bookkeeping: `protos_` (what onnxruntime is fed) = `base_` (the last adopted release)
++ the sum of `outstanding_` deltas (pushed, not yet in a release) + unpushed local changes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from edge_spl.errors import DataError
+from edge_spl.manifest import ExportedModel
+from edge_spl.protocol import LayerDelta, PrototypeDelta, Release, check_name
+
+from .kernels import _ema_standardize, _ff_update
+from .session import OnnxModel
+
+log = logging.getLogger("edge_spl.device")
+
+
+class FFLearner:
+    """Hyper-parameters are the constructor's arguments under the same names; learned state is in
+    trailing-underscore attributes.
+
+    lr_head     step size of the label-conditioned FF on the head prototypes (0 = off)
+    lr_hidden   step size of the unsupervised FF on hidden prototypes and gates (0 = off, the
+                default: on gas drift it never raised accuracy, at any step size, and it makes
+                every delta ~40x larger; see docs/device.md)
+    hidden_frac fraction of a hidden layer's units (the most strongly routed) that a sample is
+                positive for
+    alpha       EMA rate of the running input mean/variance (0 = keep the training statistics);
+                0.003 rather than 0.01, because a stream that dwells on one class for hundreds of
+                samples would otherwise have that class's own mean subtracted away
+    mix         probability that a feature of the negative comes from the previous sample
+    """
+
+    def __init__(self, model: ExportedModel, device_id: str = "device", lr_head: float = 0.1,
+                 lr_hidden: float = 0.0, hidden_frac: float = 0.25, alpha: float = 0.003,
+                 mix: float = 0.5, seed: int = 0):
+        check_name("device id", device_id)
+        for name, v, lo, hi in (("lr_head", lr_head, 0.0, 10.0), ("lr_hidden", lr_hidden, 0.0, 10.0),
+                                ("hidden_frac", hidden_frac, 1e-9, 1.0), ("alpha", alpha, 0.0, 1.0),
+                                ("mix", mix, 0.0, 1.0)):
+            if not (isinstance(v, (int, float)) and lo <= v <= hi):
+                raise ValueError(f"{name} = {v!r}: expected a number in [{lo:g}, {hi:g}]")
+        self.model = model
+        self.device_id = device_id
+        self.lr_head = float(lr_head)
+        self.lr_hidden = float(lr_hidden)
+        self.hidden_frac = float(hidden_frac)
+        self.alpha = float(alpha)
+        self.mix = float(mix)
+        self.seed = int(seed)
+
+        m = model.manifest
+        m.check_prototypes(model.protos)
+        self.sizes = list(m.sizes)
+        self.n_layers = m.n_layers
+        d = self.sizes[0]
+        self._build()
+
+        self.mean_ = np.asarray(m.mean, np.float32).copy()
+        self.var_ = np.square(np.asarray(m.std, np.float32))
+        self.protos_ = [(np.array(P, np.float32, order="C"), np.array(g, np.float32, order="C"))
+                        for P, g in model.protos]
+        self.base_ = [(P.copy(), g.copy()) for P, g in self.protos_]
+        self.base_version_ = 0
+        self.outstanding_: list[PrototypeDelta] = []
+        self.next_seq_ = 1
+        self.counts_ = [np.zeros(s, np.float32) for s in self.sizes[1:]]
+        self.n_samples_ = 0
+        self.prev_z_ = np.zeros(d, np.float32)
+        self.has_prev_ = False
+        self.rng_ = np.random.default_rng(self.seed)
+
+    def _build(self) -> None:
+        """Session and work buffers: derived from the model, never saved or pickled."""
+        d = self.sizes[0]
+        self.onnx = OnnxModel(self.model)
+        self._alpha32 = np.float32(self.alpha)
+        self._zclip32 = np.float32(self.model.manifest.z_clip)
+        self._lr_hidden32 = np.float32(self.lr_hidden)
+        self._lr_head32 = np.float32(self.lr_head)
+        self._z = np.zeros((2, d), np.float32)
+        hidden = self.sizes[1:-1]
+        self._k = [max(1, math.ceil(self.hidden_frac * s)) for s in hidden]
+        self._tpos = [np.empty(s, np.float32) for s in hidden]
+        self._tneg = [np.empty(s, np.float32) for s in hidden]
+        self._scratch = [np.zeros(s, np.float32) for s in hidden]
+        self._thead = np.zeros(self.sizes[-1], np.float32)
+        _warm_up()
+
+
+    def __getstate__(self):
+        # The onnxruntime session cannot be pickled; it is rebuilt from the model bytes.
+        return {k: v for k, v in self.__dict__.items() if k != "onnx" and not k.startswith("_")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._build()
+
+    @property
+    def manifest(self):
+        return self.model.manifest
+
+    # -- per sample ----------------------------------------------------------------------------
+
+    def step(self, x_raw, label: int = -1) -> tuple[int, float]:
+        """Predict one raw sample, then learn from it. label: class index, or -1 when unlabeled.
+        Returns (predicted class index, its softmax probability)."""
+        d = self.sizes[0]
+        x = np.ascontiguousarray(x_raw, np.float32)
+        if x.shape != (d,):
+            raise DataError(f"sample has shape {x.shape}, the model takes {d} features")
+        if not np.all(np.isfinite(x)):
+            raise DataError("sample holds NaN or infinite values")
+        label = int(label)
+        if not -1 <= label < self.sizes[-1]:
+            raise ValueError(f"label index {label} outside -1..{self.sizes[-1] - 1}")
+
+        z = self._z[0]
+        _ema_standardize(x, self.mean_, self.var_, self._alpha32, self._zclip32, z)
+        learn_hidden = self.lr_hidden > 0 and self.has_prev_ and self.n_layers > 1
+        if learn_hidden:
+            neg = self._z[1]
+            neg[:] = z
+            take = self.rng_.random(d) < self.mix
+            neg[take] = self.prev_z_[take]
+            batch = self._z
+        else:
+            batch = self._z[:1]
+        outs = self.onnx.run(batch, self.protos_)
+        logits = outs["logits"][0]
+        pred = int(np.argmax(logits))
+        e = np.exp(logits - logits[pred])
+        conf = float(1.0 / e.sum())
+
+        if learn_hidden:
+            for i in range(self.n_layers - 1):
+                r = outs[f"r{i}"]
+                h = batch if i == 0 else outs[f"h{i}"]
+                k = self._k[i]
+                top = np.argpartition(r[0], -k)[-k:]
+                tpos, tneg = self._tpos[i], self._tneg[i]
+                tpos.fill(-1.0)
+                tpos[top] = 1.0
+                tneg.fill(-1.0)
+                tneg[top] = 0.0
+                P, g = self.protos_[i]
+                _ff_update(h[0], r[0], tpos, P, g, self._lr_hidden32, self.counts_[i])
+                # the negative pass moves the same rows; count each sample once
+                _ff_update(h[1], r[1], tneg, P, g, self._lr_hidden32, self._scratch[i])
+        if label >= 0 and self.lr_head > 0:
+            h = outs[f"h{self.n_layers - 1}"][0] if self.n_layers > 1 else z
+            t = self._thead
+            t.fill(0.0)
+            t[label] = 1.0
+            P, g = self.protos_[-1]
+            _ff_update(h, logits, t, P, g, self._lr_head32, self.counts_[-1])
+
+        self.prev_z_[:] = z
+        self.has_prev_ = True
+        self.n_samples_ += 1
+        return pred, conf
+
+    # -- sync bookkeeping ----------------------------------------------------------------------
+
+    def _outstanding_sum(self, deltas) -> list[tuple[np.ndarray, np.ndarray]]:
+        acc = [(np.zeros_like(P), np.zeros_like(g)) for P, g in self.protos_]
+        for dlt in deltas:
+            for (aP, ag), L in zip(acc, dlt.layers):
+                aP[L.rows] += L.dP
+                ag[L.rows] += L.dg
+        return acc
+
+    def _unpushed(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """protos - base - sum(outstanding), on rows learned since the last delta (elsewhere it
+        is only float rounding, which is dropped rather than carried from release to release)."""
+        out = []
+        for (P, g), (bP, bg), (sP, sg), c in zip(self.protos_, self.base_,
+                                                 self._outstanding_sum(self.outstanding_), self.counts_):
+            uP, ug = P - bP - sP, g - bg - sg
+            idle = c <= 0
+            uP[idle] = 0.0
+            ug[idle] = 0.0
+            out.append((uP, ug))
+        return out
+
+    @property
+    def last_seq(self) -> int:
+        return self.next_seq_ - 1
+
+    def make_delta(self) -> PrototypeDelta | None:
+        """The local learning since the last delta, as a delta to push; it joins `outstanding_`
+        until a release covers it. None when nothing was learned."""
+        if not any(np.any(c > 0) for c in self.counts_):
+            return None
+        layers = []
+        for (uP, ug), c in zip(self._unpushed(), self.counts_):
+            rows = np.flatnonzero(c > 0).astype(np.int32)
+            layers.append(LayerDelta(rows, np.ascontiguousarray(uP[rows]), np.ascontiguousarray(ug[rows]),
+                                     c[rows].copy()))
+        delta = PrototypeDelta(self.device_id, self.next_seq_, self.base_version_, layers)
+        self.next_seq_ += 1
+        self.outstanding_.append(delta)
+        for c in self.counts_:
+            c.fill(0.0)
+        return delta
+
+    def check_release(self, release: Release) -> str | None:
+        """Why `release` cannot be adopted, or None when it can."""
+        if not isinstance(release, Release):
+            return f"not a Release: {type(release).__name__}"
+        if release.model_sha256 != self.manifest.onnx_sha256:
+            return (f"release v{release.version} is for model {release.model_sha256[:12]}, "
+                    f"this device runs {self.manifest.onnx_sha256[:12]}")
+        if len(release.protos) != self.n_layers:
+            return f"release v{release.version} has {len(release.protos)} layers, model has {self.n_layers}"
+        for i, ((P, g), (mP, mg)) in enumerate(zip(release.protos, self.protos_)):
+            if getattr(P, "shape", None) != mP.shape or getattr(g, "shape", None) != mg.shape:
+                return f"release v{release.version} layer {i} shapes differ from the model's"
+            if not (np.all(np.isfinite(P)) and np.all(np.isfinite(g))):
+                return f"release v{release.version} layer {i} has non-finite values"
+        if release.version <= self.base_version_:
+            return f"release v{release.version} is not newer than v{self.base_version_}"
+        return None
+
+    def adopt_release(self, release: Release) -> bool:
+        """Rebase local learning on a server release: protos = release + outstanding deltas it does
+        not cover yet + unpushed changes, written into the arrays onnxruntime is fed. Returns False
+        (and logs why) for a release of another model, of other shapes, or not newer."""
+        why = self.check_release(release)
+        if why is not None:
+            # the current release comes again after every reconnect (it is retained): not news
+            same = isinstance(release, Release) and release.version == self.base_version_
+            log.log(logging.DEBUG if same else logging.WARNING, "refusing release: %s", why)
+            return False
+        unpushed = self._unpushed()
+        covered = int(release.merged.get(self.device_id, 0))
+        self.outstanding_ = [dl for dl in self.outstanding_ if dl.seq > covered]
+        if covered >= self.next_seq_:
+            # the server has merged seqs this device never made: its state was lost or reset;
+            # continue after them so new deltas are not dropped as duplicates
+            log.warning("release v%d has merged seq %d of %s, past this device's %d; continuing at %d",
+                        release.version, covered, self.device_id, self.last_seq, covered + 1)
+            self.next_seq_ = covered + 1
+        pending = self._outstanding_sum(self.outstanding_)
+        for (P, g), (rP, rg), (sP, sg), (uP, ug) in zip(self.protos_, release.protos, pending, unpushed):
+            np.add(np.asarray(rP, np.float32), sP, out=P)
+            P += uP
+            np.add(np.asarray(rg, np.float32), sg, out=g)
+            g += ug
+        self.base_ = [(np.array(P, np.float32), np.array(g, np.float32)) for P, g in release.protos]
+        self.base_version_ = int(release.version)
+        return True
+
+
+def _warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels for the types step() uses, so the first
+    sample is not slow and samples/s measures the stream, not the compiler."""
+    v = np.zeros(2, np.float32)
+    M = np.zeros((2, 2), np.float32)
+    one = np.float32(1.0)
+    _ema_standardize(v, v.copy(), np.ones(2, np.float32), one, one, v.copy())
+    _ff_update(v, v, np.full(2, -1.0, np.float32), M, v.copy(), one, v.copy())

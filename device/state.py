@@ -1,0 +1,139 @@
+"""The device's durable state, so a reboot loses neither learning nor unsent deltas.
+
+STATE_DIR/device-state.bin is one file, replaced atomically on every save:
+    b"EDGE-SPL-DEVICE-STATE <format> <sha256 of the rest>\n" + npz of plain arrays
+holding the live and base prototypes, per-row counts, the outbox (each outstanding delta as its
+wire encoding, uint8), running input mean/variance, the previous input (for negatives) and a
+JSON record (versions, sequence numbers, sample count, RNG state as ints).
+
+A device that pulled its model from the broker also keeps manifest.json, model.onnx and
+prototypes.npz here, so it restarts without the broker.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from edge_spl.errors import ModelError, ProtocolError
+from edge_spl.files import atomic_write_bytes, pack_arrays, sha256_hex, unpack_arrays
+from edge_spl.manifest import MANIFEST_FILE, ExportedModel
+from edge_spl.protocol import decode_delta, encode_delta
+
+from .learner import FFLearner
+
+STATE_FILE = "device-state.bin"
+FORMAT = 1
+_MAGIC = b"EDGE-SPL-DEVICE-STATE"
+
+
+def state_path(state_dir: str) -> str:
+    return os.path.join(state_dir, STATE_FILE)
+
+
+def save_state(learner: FFLearner, state_dir: str) -> None:
+    arrays = {"mean": learner.mean_, "var": learner.var_, "prev_z": learner.prev_z_}
+    for i, ((P, g), (bP, bg), c) in enumerate(zip(learner.protos_, learner.base_, learner.counts_)):
+        arrays.update({f"P{i}": P, f"g{i}": g, f"bP{i}": bP, f"bg{i}": bg, f"counts{i}": c})
+    for k, dlt in enumerate(learner.outstanding_):
+        arrays[f"out{k}"] = np.frombuffer(encode_delta(dlt), np.uint8)
+    meta = {
+        "format": FORMAT,
+        "device_id": learner.device_id,
+        "model_sha256": learner.manifest.onnx_sha256,
+        "base_version": learner.base_version_,
+        "next_seq": learner.next_seq_,
+        "n_samples": learner.n_samples_,
+        "has_prev": learner.has_prev_,
+        "n_outstanding": len(learner.outstanding_),
+        "rng": learner.rng_.bit_generator.state,   # PCG64: plain (big) ints, JSON keeps them exact
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    body = pack_arrays(arrays)
+    head = b"%s %d %s\n" % (_MAGIC, FORMAT, sha256_hex(body).encode())
+    atomic_write_bytes(state_path(state_dir), head + body)
+
+
+def load_state(learner: FFLearner, state_dir: str) -> bool:
+    """Restore `learner` from STATE_DIR. False when there is no saved state yet; ModelError when
+    the file is corrupt, truncated, or belongs to another model or device."""
+    path = state_path(state_dir)
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        data = f.read()
+    nl = data.find(b"\n")
+    parts = data[:nl].split(b" ") if 0 < nl < 200 else []
+    if len(parts) != 3 or parts[0] != _MAGIC:
+        raise ModelError(f"{path}: not an edge-spl device state file (delete it to start afresh)")
+    if parts[1] != str(FORMAT).encode():
+        raise ModelError(f"{path}: state format {parts[1].decode(errors='replace')}, this edge-spl reads {FORMAT}")
+    body = data[nl + 1:]
+    if sha256_hex(body).encode() != parts[2]:
+        raise ModelError(f"{path}: checksum mismatch, the state file is corrupt or truncated "
+                         f"(delete it to start afresh)")
+    try:
+        arrays = unpack_arrays(body)
+        meta = json.loads(arrays["meta"].tobytes())
+        _restore(learner, arrays, meta, path)
+    except ModelError:
+        raise
+    except (ValueError, KeyError, TypeError, ProtocolError) as e:
+        raise ModelError(f"{path}: unreadable state ({type(e).__name__}: {e})") from None
+    return True
+
+
+def _restore(learner: FFLearner, arrays: dict, meta: dict, path: str) -> None:
+    if meta.get("format") != FORMAT:
+        raise ModelError(f"{path}: state format {meta.get('format')!r}, this edge-spl reads {FORMAT}")
+    if meta["model_sha256"] != learner.manifest.onnx_sha256:
+        raise ModelError(f"{path}: this state belongs to model {meta['model_sha256'][:12]}, not to the "
+                         f"model being run ({learner.manifest.onnx_sha256[:12]}); use another --state folder")
+    if meta["device_id"] != learner.device_id:
+        raise ModelError(f"{path}: this state belongs to device {meta['device_id']!r}, not "
+                         f"{learner.device_id!r}; use another --state folder")
+
+    def get(name, like):
+        a = arrays[name]
+        if a.dtype != np.float32 or a.shape != like.shape or not np.all(np.isfinite(a)):
+            raise ModelError(f"{path}: array {name} is {a.dtype}{list(a.shape)}, expected "
+                             f"finite float32{list(like.shape)}")
+        return a
+
+    # check everything before touching the learner, so a bad file leaves it as it was
+    protos = [(get(f"P{i}", P), get(f"g{i}", g)) for i, (P, g) in enumerate(learner.protos_)]
+    base = [(get(f"bP{i}", P).copy(), get(f"bg{i}", g).copy()) for i, (P, g) in enumerate(learner.protos_)]
+    counts = [get(f"counts{i}", c) for i, c in enumerate(learner.counts_)]
+    mean, var, prev_z = get("mean", learner.mean_), get("var", learner.var_), get("prev_z", learner.prev_z_)
+    outstanding = [decode_delta(arrays[f"out{k}"].tobytes()) for k in range(int(meta["n_outstanding"]))]
+    rng = np.random.default_rng()
+    rng.bit_generator.state = meta["rng"]
+
+    # in place: the session is fed these very arrays
+    for (P, g), (sP, sg) in zip(learner.protos_, protos):
+        P[...] = sP
+        g[...] = sg
+    for c, sc in zip(learner.counts_, counts):
+        c[...] = sc
+    learner.mean_[...] = mean
+    learner.var_[...] = var
+    learner.prev_z_[...] = prev_z
+    learner.base_ = base
+    learner.outstanding_ = outstanding
+    learner.base_version_ = int(meta["base_version"])
+    learner.next_seq_ = int(meta["next_seq"])
+    learner.n_samples_ = int(meta["n_samples"])
+    learner.has_prev_ = bool(meta["has_prev"])
+    learner.rng_ = rng
+
+
+def save_model(exported: ExportedModel, state_dir: str) -> None:
+    exported.save(state_dir)
+
+
+def load_model(state_dir: str) -> ExportedModel | None:
+    """The model kept in STATE_DIR by an earlier run that pulled it, or None."""
+    if not os.path.isfile(os.path.join(state_dir, MANIFEST_FILE)):
+        return None
+    return ExportedModel.load(state_dir)

@@ -1,0 +1,206 @@
+"""The device's MQTT side (paho-mqtt 2.x, MQTT 3.1.1 so amqtt's broker works too).
+
+paho's network thread only enqueues raw (topic, payload); the main loop calls `poll()`, which
+decodes (a bad payload is logged, counted and dropped) and hands back events to apply. Deltas
+are re-published after every (re)connect: the server dedups by (device, seq), and the learner's
+outstanding deltas are the durable outbox.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from edge_spl.errors import EdgeSplError, ModelError, ProtocolError
+from edge_spl.files import sha256_hex
+from edge_spl.manifest import ExportedModel, Manifest
+from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, PrototypeDelta, Release, Topics, decode_json,
+                               decode_release, encode_delta, status_payload)
+
+log = logging.getLogger("edge_spl.device.sync")
+
+
+@dataclass
+class Event:
+    kind: str          # "manifest" | "onnx" | "release" | "ack"
+    value: object      # Manifest | bytes | Release | dict
+
+
+class DeviceSync:
+    def __init__(self, host: str, port: int, fleet: str, device_id: str,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD):
+        self.host, self.port = host, port
+        self.topics = Topics(fleet)
+        self.device_id = device_id
+        self.max_payload = max_payload
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connected = threading.Event()
+        self.resend = threading.Event()   # set on every (re)connect: re-publish the outbox
+        self.messages_sent = self.bytes_sent = 0
+        self.messages_received = self.bytes_received = 0
+        self.rejected = 0
+        self.version = -1       # reported in the status message
+        self.samples = 0
+        self.outbox = 0
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-spl-device-{device_id}",
+                        protocol=mqtt.MQTTv311, clean_session=True)
+        c.will_set(self.topics.status(device_id), status_payload(device_id, False), qos=1, retain=True)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self.client = c
+
+    # -- network thread: enqueue only ----------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
+            return
+        t = self.topics
+        client.subscribe([(t.manifest, 1), (t.onnx, 1), (t.release, 1), (t.ack(self.device_id), 1)])
+        client.publish(t.status(self.device_id), self._status(True), qos=1, retain=True)
+        self.resend.set()
+        self.connected.set()
+        log.info("connected to %s:%d (fleet %s)", self.host, self.port, t.fleet)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("lost the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, msg):
+        self.inbox.put((msg.topic, bytes(msg.payload)))
+
+    # -- main loop -----------------------------------------------------------------------------
+
+    def _status(self, online: bool) -> bytes:
+        return status_payload(self.device_id, online, self.version, self.samples, self.outbox)
+
+    def start(self, wait: float) -> None:
+        """Connect, retrying until `wait` seconds have passed; then paho's thread keeps the
+        connection up (reconnecting with backoff)."""
+        deadline = time.monotonic() + wait
+        last = None
+        while True:
+            try:
+                self.client.connect(self.host, self.port, keepalive=30)
+                break
+            except (OSError, ValueError) as e:   # refused, unreachable, unresolvable, timeout
+                last = e
+            if time.monotonic() >= deadline:
+                raise EdgeSplError(f"cannot reach MQTT broker {self.host}:{self.port} "
+                                   f"({getattr(last, 'strerror', None) or last})")
+            time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        self.client.loop_start()
+        if not self.connected.wait(max(0.5, deadline - time.monotonic())):
+            self.close(publish_offline=False)
+            raise EdgeSplError(f"cannot reach MQTT broker {self.host}:{self.port} (no CONNACK "
+                               f"within {wait:g} s)")
+
+    def poll(self, timeout: float = 0.0) -> list[Event]:
+        """Decode what has arrived (waiting up to `timeout` for the first message)."""
+        events = []
+        try:
+            item = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return events
+        while True:
+            topic, payload = item
+            self.messages_received += 1
+            self.bytes_received += len(payload)
+            ev = self._decode(topic, payload)
+            if ev is not None:
+                events.append(ev)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return events
+
+    def _decode(self, topic: str, payload: bytes) -> Event | None:
+        if not payload:
+            return None   # a cleared retained message
+        t = self.topics
+        try:
+            if topic == t.release:
+                return Event("release", decode_release(payload, self.max_payload))
+            if topic == t.manifest:
+                return Event("manifest", Manifest.from_json(payload))
+            if topic == t.onnx:
+                return Event("onnx", payload)
+            if topic == t.ack(self.device_id):
+                return Event("ack", decode_json(payload))
+            return None
+        except (ProtocolError, ModelError) as e:
+            self.rejected += 1
+            log.warning("rejected message on %s: %s", topic, e)
+            return None
+
+    def publish_delta(self, delta: PrototypeDelta) -> mqtt.MQTTMessageInfo | None:
+        try:
+            payload = encode_delta(delta, self.max_payload)
+        except ProtocolError as e:
+            log.error("delta seq %d not sent: %s", delta.seq, e)
+            return None
+        info = self.client.publish(self.topics.delta(self.device_id), payload, qos=1)
+        self.messages_sent += 1
+        self.bytes_sent += len(payload)
+        return info
+
+    def publish_status(self) -> None:
+        if self.connected.is_set():
+            self.client.publish(self.topics.status(self.device_id), self._status(True), qos=1, retain=True)
+
+    def pull_model(self, wait: float) -> tuple[ExportedModel, Release]:
+        """The fleet's model from its retained messages: manifest and ONNX (checked against the
+        manifest's sha256), then a release of that model's prototypes."""
+        deadline = time.monotonic() + wait
+        manifest = onnx = release = None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = [n for n, v in (("manifest", manifest), ("onnx", onnx), ("release", release))
+                           if v is None]
+                raise EdgeSplError(f"no model on MQTT broker {self.host}:{self.port} fleet "
+                                   f"{self.topics.fleet!r} within {wait:g} s (missing {', '.join(missing)}): "
+                                   f"start the server or give --model")
+            for ev in self.poll(timeout=min(left, 0.5)):
+                if ev.kind == "manifest":
+                    manifest = ev.value
+                elif ev.kind == "onnx":
+                    onnx = ev.value
+                elif ev.kind == "release":
+                    release = ev.value
+            if manifest is None or onnx is None:
+                continue
+            if sha256_hex(onnx) != manifest.onnx_sha256:
+                continue   # one of the two is being replaced; the matching one follows
+            if release is None or release.model_sha256 != manifest.onnx_sha256:
+                continue
+            model = ExportedModel(manifest, onnx, [(P.copy(), g.copy()) for P, g in release.protos])
+            try:
+                manifest.check_prototypes(model.protos)
+            except ModelError as e:
+                self.rejected += 1
+                log.warning("release v%d does not fit the manifest: %s", release.version, e)
+                release = None
+                continue
+            return model, release
+
+    def close(self, publish_offline: bool = True) -> None:
+        """Retained offline status (what the last will would say), then a clean disconnect."""
+        try:
+            if publish_offline and self.connected.is_set():
+                info = self.client.publish(self.topics.status(self.device_id), self._status(False),
+                                           qos=1, retain=True)
+                try:
+                    info.wait_for_publish(timeout=2.0)
+                except (ValueError, RuntimeError):
+                    pass
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()

@@ -1,0 +1,263 @@
+"""`edge-spl device`: predict a sensor stream, adapt with Forward-Forward, sync over MQTT."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import zlib
+
+from edge_spl.data import iter_samples
+from edge_spl.device.learner import FFLearner
+from edge_spl.device.state import load_model, load_state, save_model, save_state
+from edge_spl.device.sync import DeviceSync
+from edge_spl.errors import DataError, EdgeSplError, ModelError
+from edge_spl.files import atomic_write_bytes
+from edge_spl.manifest import ExportedModel
+from edge_spl.protocol import Topics, check_name
+
+log = logging.getLogger("edge_spl.device")
+SUMMARY_FILE = "summary.json"
+FIRST_RELEASE_WAIT = 3.0   # a fresh device waits this long for the fleet's retained release
+QUIET_EVERY = 500
+
+
+class Counters:
+    def __init__(self):
+        self.samples = self.labeled = self.correct = self.labels_used = 0
+        self.deltas_pushed = 0
+        self.versions_adopted: list[int] = []
+        self.rejected_seqs: set[int] = set()
+        self.t0 = time.perf_counter()
+        self.seconds = 0.0
+
+    def line(self, learner: FFLearner) -> str:
+        acc = f"{self.correct / self.labeled:.1%}" if self.labeled else "-"
+        rate = self.samples / max(self.seconds, 1e-9)
+        return (f"{self.samples} samples, accuracy {acc} on {self.labeled} labeled, "
+                f"version {learner.base_version_}, {self.deltas_pushed} deltas pushed, {rate:.0f} samples/s")
+
+
+def run(args) -> int:
+    check_name("device id", args.id)
+    Topics(args.fleet)
+    if args.source != "-" and not os.path.isfile(args.source):
+        raise DataError(f"{args.source}: no such file")
+    if args.wait < 0:
+        raise EdgeSplError(f"--wait {args.wait:g}: expected a number of seconds >= 0")
+    try:
+        os.makedirs(args.state, exist_ok=True)
+    except OSError as e:
+        raise EdgeSplError(f"--state {args.state}: cannot create the folder ({e.strerror})") from None
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # a service manager stops us with SIGTERM: leave through the same path as Ctrl-C,
+        # which saves the state and says goodbye to the broker
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    sync = None
+    try:
+        if args.broker:
+            host, port = args.broker
+            sync = DeviceSync(host, port, args.fleet, args.id)
+            sync.start(args.wait)
+        return _run(args, sync)
+    finally:
+        if sync is not None:
+            sync.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _load_model(args, sync: DeviceSync | None):
+    """--model, else the copy kept in --state, else pulled from the broker (and kept)."""
+    if args.model:
+        return ExportedModel.load(args.model), None
+    kept = load_model(args.state)
+    if kept is not None:
+        return kept, None
+    if sync is None:
+        raise ModelError(f"no model: give --model MODEL_DIR, or --broker to pull the fleet's model "
+                         f"({args.state} holds none yet)")
+    model, release = sync.pull_model(args.wait)
+    save_model(model, args.state)
+    log.info("pulled model %s (release v%d) from the broker", model.manifest.model_id, release.version)
+    return model, release
+
+
+def _run(args, sync: DeviceSync | None) -> int:
+    model, pulled_release = _load_model(args, sync)
+    try:
+        learner = FFLearner(model, device_id=args.id, seed=zlib.crc32(args.id.encode()),
+                            lr_head=getattr(args, "lr_head", 0.1), lr_hidden=getattr(args, "lr_hidden", 0.0))
+    except ValueError as e:
+        raise EdgeSplError(str(e).replace("lr_", "--lr-")) from None
+    c = Counters()
+    restored = load_state(learner, args.state)
+    if restored:
+        log.info("restored state from %s: v%d, %d samples seen, %d deltas in the outbox",
+                 args.state, learner.base_version_, learner.n_samples_, len(learner.outstanding_))
+    if pulled_release is not None and learner.adopt_release(pulled_release):
+        c.versions_adopted.append(learner.base_version_)
+    last_info = None
+
+    def apply(events):
+        for ev in events:
+            if ev.kind == "release":
+                if learner.adopt_release(ev.value):
+                    c.versions_adopted.append(learner.base_version_)
+                    log.debug("adopted release v%d", learner.base_version_)
+            elif ev.kind == "ack" and ev.value.get("accepted") is False:
+                if ev.value.get("reason") == "duplicate":   # a re-sent delta the server already has
+                    log.debug("server already has delta seq %s", ev.value.get("seq"))
+                else:
+                    c.rejected_seqs.add(ev.value.get("seq"))
+                    log.warning("server rejected delta seq %s: %s", ev.value.get("seq"), ev.value.get("reason"))
+            elif ev.kind == "manifest" and ev.value.onnx_sha256 != model.manifest.onnx_sha256:
+                log.warning("the fleet now runs model %s; this device keeps %s (start it with a new "
+                            "--state to switch)", ev.value.onnx_sha256[:12], model.manifest.onnx_sha256[:12])
+
+    def flush_outbox():
+        nonlocal last_info
+        if sync.resend.is_set() and sync.connected.is_set():
+            sync.resend.clear()
+            for dlt in learner.outstanding_:
+                last_info = sync.publish_delta(dlt) or last_info
+
+    def do_sync():
+        nonlocal last_info
+        if sync is not None:
+            apply(sync.poll())
+            flush_outbox()
+            # offline, learning stays unpushed and goes out as one delta on reconnect
+            if sync.connected.is_set():
+                dlt = learner.make_delta()
+                if dlt is not None:
+                    last_info = sync.publish_delta(dlt) or last_info
+                    c.deltas_pushed += 1
+            sync.version, sync.samples, sync.outbox = (learner.base_version_, learner.n_samples_,
+                                                       len(learner.outstanding_))
+            sync.publish_status()
+        save_state(learner, args.state)
+        out.flush()   # a reader on a pipe sees predictions at least once per sync
+
+    if sync is not None:
+        deadline = time.monotonic() + (0.0 if restored or pulled_release else min(args.wait, FIRST_RELEASE_WAIT))
+        while True:
+            events = sync.poll(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+            apply(events)
+            if any(ev.kind == "release" for ev in events) or time.monotonic() >= deadline:
+                break
+        flush_outbox()
+
+    names = model.manifest.class_names
+    index_of = {n: i for i, n in enumerate(names)}
+    unknown: set[str] = set()
+    n_labels = 0
+    out = sys.stdout
+    pred_file = pred_writer = None
+    if args.predictions:
+        try:
+            pred_file = open(args.predictions, "w", newline="", encoding="utf-8")
+        except OSError as e:
+            raise EdgeSplError(f"--predictions {args.predictions}: cannot write ({e.strerror})") from None
+        pred_writer = csv.writer(pred_file)
+        pred_writer.writerow(["index", "prediction", "label", "version"])
+    try:
+        c.t0 = time.perf_counter()
+        for s in iter_samples(args.source, model.manifest.feature_names, args.label):
+            y = -1
+            if s.label is not None:
+                y = index_of.get(s.label, -1)
+                if y < 0 and s.label not in unknown:
+                    unknown.add(s.label)
+                    log.warning("label %r is not one of the model's classes %s; treating it as unlabeled",
+                                s.label, names)
+            learn = -1
+            if y >= 0:
+                if n_labels % args.label_every == 0:
+                    learn = y
+                    c.labels_used += 1
+                n_labels += 1
+            pred, conf = learner.step(s.x, learn)
+            c.samples += 1
+            if y >= 0:
+                c.labeled += 1
+                c.correct += pred == y
+            label = s.label if s.label is not None else "-"
+            if not args.quiet:
+                out.write(f"{s.index} pred={names[pred]} conf={conf:.2f} label={label} "
+                          f"version={learner.base_version_}\n")
+            if pred_writer is not None:
+                pred_writer.writerow([s.index, names[pred], s.label or "", learner.base_version_])
+            if c.samples % args.sync_every == 0:
+                do_sync()
+            if args.quiet and c.samples % QUIET_EVERY == 0:
+                c.seconds = time.perf_counter() - c.t0
+                print(c.line(learner), flush=True)
+        c.seconds = time.perf_counter() - c.t0
+        if sync is not None:
+            do_sync()
+            _wait_for_cover(args, sync, learner, c, apply, flush_outbox)
+            if last_info is not None and not last_info.is_published():
+                try:
+                    last_info.wait_for_publish(timeout=min(args.wait, 5.0))
+                except (ValueError, RuntimeError) as e:
+                    log.warning("last delta may not have reached the broker: %s", e)
+    finally:
+        if c.seconds == 0.0:
+            c.seconds = time.perf_counter() - c.t0
+        if pred_file is not None:
+            pred_file.close()
+        out.flush()
+        save_state(learner, args.state)
+        _write_summary(args, learner, sync, c)
+    print(("" if args.quiet else "done: ") + c.line(learner),
+          file=sys.stdout if args.quiet else sys.stderr, flush=True)
+    return 0
+
+
+def _wait_for_cover(args, sync, learner, c, apply, flush_outbox) -> None:
+    """Up to --wait s for a release that merges every delta this device pushed."""
+    deadline = time.monotonic() + args.wait
+    while True:
+        waiting = [d.seq for d in learner.outstanding_ if d.seq not in c.rejected_seqs]
+        if not waiting:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log.warning("no release merged deltas %s within %g s; they stay in the outbox in %s",
+                        waiting, args.wait, args.state)
+            return
+        apply(sync.poll(timeout=min(left, 0.5)))
+        flush_outbox()
+
+
+def _write_summary(args, learner: FFLearner, sync: DeviceSync | None, c: Counters) -> None:
+    summary = {
+        "device": args.id,
+        "samples": c.samples,
+        "labeled": c.labeled,
+        "correct": c.correct,
+        "accuracy": c.correct / c.labeled if c.labeled else None,
+        "labels_used": c.labels_used,
+        "versions_adopted": c.versions_adopted,
+        "version": learner.base_version_,
+        "deltas_pushed": c.deltas_pushed,
+        "outbox": len(learner.outstanding_),
+        "messages_sent": sync.messages_sent if sync else 0,
+        "bytes_sent": sync.bytes_sent if sync else 0,
+        "messages_received": sync.messages_received if sync else 0,
+        "bytes_received": sync.bytes_received if sync else 0,
+        "messages_rejected": sync.rejected if sync else 0,
+        "seconds": round(c.seconds, 3),
+        "samples_per_s": c.samples / c.seconds if c.seconds > 0 else 0.0,
+    }
+    atomic_write_bytes(os.path.join(args.state, SUMMARY_FILE), json.dumps(summary, indent=1).encode())

@@ -1,0 +1,170 @@
+"""The server's durable state: every prototype version and every (device, seq) merged into one.
+
+`Store` is the small interface the server loop uses; `SQLiteStore` is the embedded default
+(stdlib sqlite3, STATE_DIR/server.db). A PostgreSQL store for several replicas would implement
+the same four methods; the version bump is one transaction either way, so replicas need no
+consensus of their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_spl.errors import ModelError
+from edge_spl.files import pack_arrays, unpack_arrays
+from edge_spl.manifest import Manifest, protos_from_arrays, protos_to_arrays
+
+DB_FILE = "server.db"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version      INTEGER PRIMARY KEY,
+    parent       INTEGER,
+    created      REAL NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    protos       BLOB NOT NULL,
+    merged       TEXT NOT NULL,
+    n_deltas     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS merged_deltas (
+    device  TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    version INTEGER NOT NULL REFERENCES versions(version),
+    PRIMARY KEY (device, seq)
+);
+"""
+
+
+@dataclass
+class StoredVersion:
+    version: int
+    parent: int | None
+    created: float
+    model_sha256: str
+    protos: list[tuple[np.ndarray, np.ndarray]]
+    merged: dict[str, int] = field(default_factory=dict)   # device -> contiguous high-water mark
+    n_deltas: int = 0
+
+
+class Store:
+    """What the server needs from its state."""
+
+    def latest(self) -> StoredVersion:
+        raise NotImplementedError
+
+    def is_merged(self, device: str, seq: int) -> bool:
+        raise NotImplementedError
+
+    def commit(self, parent: StoredVersion, protos, merged_pairs: list[tuple[str, int]]) -> StoredVersion:
+        """Store version parent.version + 1 with these prototypes and the (device, seq) pairs merged
+        into it, all in one transaction; returns it with its new high-water marks."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def high_water_mark(start: int, seqs) -> int:
+    """The highest s such that start+1 .. s are all in `seqs` (start when start+1 is missing)."""
+    s = start
+    for q in sorted(seqs):
+        if q == s + 1:
+            s = q
+        elif q > s + 1:
+            break
+    return s
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str, manifest: Manifest, initial_protos):
+        """Open (or create, with version 0 = `initial_protos`) the database at `path`. Refuses a
+        database holding versions of another model."""
+        self.path = path
+        self.manifest = manifest
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            # The server loop is the only user, but it may run in another thread than the one that
+            # opened the store (tests, a future thread pool); sqlite3 serialises access itself.
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a version that was published (and acked) must survive a power cut
+            self._db.execute("PRAGMA synchronous=FULL")
+            user_version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if user_version not in (0, SCHEMA_VERSION):
+                raise ModelError(f"{path}: database schema {user_version}, this edge-spl uses {SCHEMA_VERSION}")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            row = self._db.execute("SELECT model_sha256 FROM versions ORDER BY version DESC LIMIT 1").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise ModelError(f"{path}: not a readable server database ({e})") from None
+        if row is None:
+            manifest.check_prototypes(initial_protos)
+            self._insert(StoredVersion(0, None, time.time(), manifest.onnx_sha256,
+                                       [(np.asarray(P, np.float32), np.asarray(g, np.float32))
+                                        for P, g in initial_protos]), [])
+        elif row[0] != manifest.onnx_sha256:
+            raise ModelError(
+                f"{path} holds versions of model {row[0][:12]}, not of the given model "
+                f"{manifest.onnx_sha256[:12]} ({manifest.model_id}); use another --state folder "
+                f"rather than mixing models")
+
+    def _insert(self, v: StoredVersion, pairs) -> None:
+        blob = pack_arrays(protos_to_arrays(v.protos))
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(
+                "INSERT INTO versions (version, parent, created, model_sha256, protos, merged, n_deltas) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (v.version, v.parent, v.created, v.model_sha256, blob,
+                 json.dumps(v.merged, sort_keys=True), v.n_deltas))
+            self._db.executemany("INSERT INTO merged_deltas (device, seq, version) VALUES (?, ?, ?)",
+                                 [(d, s, v.version) for d, s in pairs])
+            # High-water marks move only over contiguous seqs; a seq that arrived early (its
+            # predecessor still on the way) is already in merged_deltas and is picked up here.
+            for device in sorted({d for d, _ in pairs}):
+                start = v.merged.get(device, 0)
+                seqs = [r[0] for r in self._db.execute(
+                    "SELECT seq FROM merged_deltas WHERE device = ? AND seq > ? ORDER BY seq",
+                    (device, start))]
+                hwm = high_water_mark(start, seqs)
+                if hwm > 0:
+                    v.merged[device] = hwm
+            self._db.execute("UPDATE versions SET merged = ? WHERE version = ?",
+                             (json.dumps(v.merged, sort_keys=True), v.version))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def latest(self) -> StoredVersion:
+        row = self._db.execute(
+            "SELECT version, parent, created, model_sha256, protos, merged, n_deltas "
+            "FROM versions ORDER BY version DESC LIMIT 1").fetchone()
+        version, parent, created, sha, blob, merged, n_deltas = row
+        try:
+            protos = protos_from_arrays(unpack_arrays(blob), self.manifest.n_layers)
+            self.manifest.check_prototypes(protos)
+            merged = json.loads(merged)
+        except (ValueError, TypeError, ModelError) as e:
+            raise ModelError(f"{self.path}: stored version {version} is unusable ({e})") from None
+        return StoredVersion(version, parent, created, sha, protos, merged, n_deltas)
+
+    def is_merged(self, device: str, seq: int) -> bool:
+        return self._db.execute("SELECT 1 FROM merged_deltas WHERE device = ? AND seq = ?",
+                                (device, seq)).fetchone() is not None
+
+    def commit(self, parent: StoredVersion, protos, merged_pairs) -> StoredVersion:
+        self.manifest.check_prototypes(protos)
+        v = StoredVersion(parent.version + 1, parent.version, time.time(), parent.model_sha256,
+                          protos, dict(parent.merged), len(merged_pairs))
+        self._insert(v, merged_pairs)
+        return v
+
+    def close(self) -> None:
+        self._db.close()

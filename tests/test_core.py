@@ -1,0 +1,291 @@
+"""The core: SPL reference math, model files, data loaders, manifest, wire protocol, packaging."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import make_model
+from edge_spl import protocol as P
+from edge_spl.data import (GAS_CLASSES, GAS_FEATURES, OCCUPANCY_FEATURES, iter_samples, load_csv,
+                           load_gas_file, load_training_data)
+from edge_spl.errors import DataError, ModelError, ProtocolError
+from edge_spl.manifest import ExportedModel, Manifest
+from edge_spl.model import ModelState
+from edge_spl.spl import forward, spl_forward, standardize
+
+
+# -- SPL math --------------------------------------------------------------------------------
+
+def test_spl_mask_is_hard_and_passes_through_when_square():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    W, P = rng.standard_normal((2, 6, 6)).astype(np.float32)
+    b = np.zeros(6, np.float32)
+    g_off = np.full(6, 1e6, np.float32)       # every unit off: pure pass-through
+    out, r = spl_forward(x, W, b, P, g_off)
+    assert np.all(r < 0) and np.array_equal(out, x)
+    g_on = np.full(6, -1e6, np.float32)       # every unit on: pure silu(xW^T+b)
+    out, _ = spl_forward(x, W, b, P, g_on)
+    z = x @ W.T + b
+    np.testing.assert_allclose(out, z / (1 + np.exp(-z)), rtol=1e-6)
+
+
+def test_forward_returns_layer_inputs_and_routings():
+    state = make_model()
+    z = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    logits, hs, rs = forward(state.layers, z)
+    assert logits.shape == (4, 3) and [h.shape[1] for h in hs] == [8, 16, 16]
+    head = state.layers[-1]
+    np.testing.assert_allclose(logits, hs[-1] @ head["P"].T / 4.0 - head["g"], rtol=1e-5, atol=1e-6)
+    assert rs[-1] is logits
+
+
+def test_standardize_clips_extreme_outliers():
+    z = standardize(np.array([[30000.0, 4.5]]), np.array([4.5, 4.5]), np.array([1.0, 1.0]))
+    assert z.dtype == np.float32 and z[0, 0] == 10.0 and z[0, 1] == 0.0
+
+
+# -- model files -----------------------------------------------------------------------------
+
+def test_model_round_trip_and_corruption(tmp_path):
+    state = make_model()
+    state.save(tmp_path)
+    back = ModelState.load(tmp_path)
+    x = np.random.default_rng(2).standard_normal((3, 8))
+    np.testing.assert_array_equal(state.predict_logits(x), back.predict_logits(x))
+    assert back.class_names == state.class_names and back.sizes == [8, 16, 16, 3]
+    data = (tmp_path / "model.npz").read_bytes()
+    (tmp_path / "model.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="sha256"):
+        ModelState.load(tmp_path)
+    with pytest.raises(ModelError, match="not found"):
+        ModelState.load(tmp_path / "nowhere")
+
+
+def test_model_rejects_inconsistent_shapes():
+    state = make_model()
+    layers = [dict(L) for L in state.layers]
+    layers[1]["P"] = layers[1]["P"][:, :5]
+    with pytest.raises(ModelError, match="layer 1"):
+        ModelState(layers, state.mean, state.std, state.class_names, state.feature_names)
+
+
+def test_exported_model_checks_its_files(tiny_model_dir):
+    em = ExportedModel.load(tiny_model_dir)
+    assert em.manifest.sizes == [8, 16, 16, 3] and len(em.protos) == 3
+    with open(os.path.join(tiny_model_dir, "model.onnx"), "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ModelError, match="sha256"):
+        ExportedModel.load(tiny_model_dir)
+
+
+def test_manifest_rejects_bad_json():
+    with pytest.raises(ModelError):
+        Manifest.from_json(b"[1, 2]")
+    with pytest.raises(ModelError):
+        Manifest.from_json(b'{"model_id": "x"}')
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def test_gas_batches_match_source_counts(gas_dir):
+    counts = {1: 445, 2: 1244, 3: 1586, 4: 161, 5: 197, 6: 2300}
+    for b, n in counts.items():
+        ds = load_gas_file(os.path.join(gas_dir, f"batch{b}.dat"))
+        assert ds.X.shape == (n, 128) and len(ds.y) == n
+    assert set(ds.y) == set(GAS_CLASSES) and ds.classes() == GAS_CLASSES
+
+
+def test_training_data_from_folders(gas_dir, occupancy_dir):
+    assert len(load_training_data(gas_dir)) == 445
+    occ = load_training_data(occupancy_dir)
+    assert occ.X.shape == (8143, 5) and occ.feature_names == OCCUPANCY_FEATURES
+    assert occ.classes() == ["0", "1"]
+
+
+def test_csv_errors_are_clear(tmp_path):
+    f = tmp_path / "log.csv"
+    f.write_text("a,b,label\n1,2,x\n3,oops,y\n")
+    with pytest.raises(DataError, match=r"log.csv:3: column 'b'"):
+        load_csv(str(f), "label", ["a", "b"])
+    with pytest.raises(DataError, match="no label column 'lab'"):
+        load_csv(str(f), "lab")
+    with pytest.raises(DataError, match="needs --label"):
+        load_training_data(str(f))
+    with pytest.raises(DataError, match="no such file"):
+        load_training_data(str(tmp_path / "missing.csv"))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="empty file"):
+        load_csv(str(tmp_path / "empty.csv"), "label")
+
+
+def test_csv_default_features_are_the_numeric_columns(tmp_path):
+    f = tmp_path / "log.csv"
+    f.write_text("when,a,b,label\nmon,1,2,x\ntue,3,4,\n")
+    ds = load_csv(str(f), "label")
+    assert ds.feature_names == ["a", "b"] and ds.y == ["x", None]
+
+
+def test_gas_line_errors(tmp_path):
+    f = tmp_path / "bad.dat"
+    f.write_text("7 1:0.5\n")
+    with pytest.raises(DataError, match="bad.dat:1: class 7"):
+        load_gas_file(str(f))
+
+
+def test_iter_samples_skips_bad_rows_and_keeps_going(tmp_path):
+    f = tmp_path / "stream.csv"
+    f.write_text("b,a,label\n1,2,x\n1,nan,y\nfoo,1,y\n1,2\n\n5,6,\n")
+    bad = []
+    got = list(iter_samples(str(f), ["a", "b"], "label", on_bad=lambda w, why: bad.append(why)))
+    assert [s.index for s in got] == [0, 1]
+    np.testing.assert_array_equal(got[0].x, [2, 1])   # reordered to the model's feature order
+    assert got[0].label == "x" and got[1].label is None
+    assert len(bad) == 3
+
+
+def test_iter_samples_rejects_a_header_without_the_model_features(tmp_path):
+    f = tmp_path / "stream.csv"
+    f.write_text("x,y\n1,2\n")
+    with pytest.raises(DataError, match="lacks the model's feature columns"):
+        list(iter_samples(str(f), ["a", "b"]))
+
+
+def test_iter_samples_reads_gas_dat(gas_dir):
+    got = list(iter_samples(os.path.join(gas_dir, "batch4.dat"), GAS_FEATURES))
+    assert len(got) == 161 and got[0].x.shape == (128,) and got[0].label in GAS_CLASSES
+
+
+# -- protocol --------------------------------------------------------------------------------
+
+def _delta(seed=0, device="dev-1", seq=1):
+    rng = np.random.default_rng(seed)
+    return P.PrototypeDelta(device, seq, 0, [
+        P.LayerDelta(np.array([0, 3], np.int32), rng.standard_normal((2, 8)).astype(np.float32),
+                     rng.standard_normal(2).astype(np.float32), np.array([1, 4], np.float32)),
+        P.LayerDelta(np.zeros(0, np.int32), np.zeros((0, 16), np.float32), np.zeros(0, np.float32),
+                     np.zeros(0, np.float32)),
+    ])
+
+
+def test_delta_round_trip():
+    d = _delta()
+    back = P.decode_delta(P.encode_delta(d))
+    assert (back.device, back.seq, back.base_version) == (d.device, d.seq, d.base_version)
+    for a, b in zip(d.layers, back.layers):
+        for k in ("rows", "dP", "dg", "counts"):
+            np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+
+
+def test_release_round_trip():
+    state = make_model()
+    r = P.Release(5, "ab" * 32, state.prototypes(), {"dev-1": 3}, 12.5)
+    back = P.decode_release(P.encode_release(r))
+    assert back.version == 5 and back.merged == {"dev-1": 3} and back.model_sha256 == r.model_sha256
+    for (p1, g1), (p2, g2) in zip(r.protos, back.protos):
+        np.testing.assert_array_equal(p1, p2)
+        np.testing.assert_array_equal(g1, g2)
+
+
+def test_payload_limits_and_kinds():
+    data = P.encode_delta(_delta())
+    with pytest.raises(ProtocolError, match="over the"):
+        P.encode_delta(_delta(), max_bytes=100)
+    with pytest.raises(ProtocolError, match="over the"):
+        P.decode_delta(data, max_bytes=100)
+    with pytest.raises(ProtocolError, match="kind"):
+        P.decode_release(data)
+
+
+def test_delta_with_nan_or_unsorted_rows_is_rejected():
+    d = _delta()
+    d.layers[0].dP[0, 0] = np.nan
+    with pytest.raises(ProtocolError, match="non-finite"):
+        P.decode_delta(P.encode_delta(d))
+    d = _delta()
+    d.layers[0].rows = np.array([3, 0], np.int32)
+    with pytest.raises(ProtocolError, match="increasing"):
+        P.decode_delta(P.encode_delta(d))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_corrupted_payloads_raise_protocol_error_only(data):
+    payload = bytearray(P.encode_delta(_delta()))
+    i = data.draw(st.integers(0, len(payload) - 1))
+    payload[i] ^= data.draw(st.integers(1, 255))
+    cut = data.draw(st.integers(0, len(payload)))
+    try:
+        P.decode_delta(bytes(payload[:cut]))
+    except ProtocolError:
+        pass   # every corruption is caught as a protocol error (or, rarely, still valid)
+
+
+def test_topic_names_refuse_wildcards_and_separators():
+    t = P.Topics("fleet-1")
+    assert t.delta("dev.1") == "edge-spl/fleet-1/delta/dev.1"
+    assert t.device_of("edge-spl/fleet-1/delta/dev.1", "delta") == "dev.1"
+    assert t.device_of("edge-spl/other/delta/dev.1", "delta") is None
+    for bad in ("a/b", "+", "#", "", "x" * 65):
+        with pytest.raises(ProtocolError):
+            t.delta(bad)
+    with pytest.raises(ProtocolError):
+        P.Topics("a/b")
+
+
+# -- packaging -------------------------------------------------------------------------------
+
+def test_device_and_server_import_without_torch():
+    """The device and server roles (and their CLI entry points) must run where torch is absent."""
+    code = (
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'onnx'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "import edge_spl.cli.device, edge_spl.cli.server, edge_spl.device, edge_spl.server\n"
+        "from edge_spl.cli import main\n"
+        "assert main(['device', '--help']) == 0\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # argparse's --help exits via SystemExit(0)
+    assert r.returncode == 0, r.stderr
+    assert "--broker" in r.stdout
+    assert "torch" not in r.stderr
+
+
+def test_no_generic_top_level_modules_are_installed():
+    import edge_spl.device
+    import edge_spl.server
+
+    assert edge_spl.device.__name__ == "edge_spl.device"
+    for generic in ("device", "server", "export"):
+        try:
+            __import__(generic)
+        except ImportError:
+            continue
+        pytest.fail(f"a top-level module {generic!r} is importable")
+
+
+def test_csv_default_features_skip_a_row_counter(occupancy_dir):
+    ds = load_csv(os.path.join(occupancy_dir, "datatest.txt"), "Occupancy")
+    assert ds.feature_names == OCCUPANCY_FEATURES
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    from edge_spl.files import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f.bin", b"abc")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").read_bytes() == b"abc"
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,189 @@
+"""The device's numba kernels against slow, obvious numpy twins."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_spl.device.kernels import VAR_EPS, _ema_standardize, _ff_update, ema_standardize, ff_update
+from edge_spl.spl import Z_CLIP, standardize
+
+f32 = np.float32
+
+
+# -- numpy twins --------------------------------------------------------------------------------
+
+def ema_twin(x, mean, var, alpha, z_clip):
+    x, mean, var = (np.asarray(a, np.float64) for a in (x, mean, var))
+    sd = np.sqrt(var + VAR_EPS)
+    delta = np.clip(x - mean, -z_clip * sd, z_clip * sd)
+    mean = mean + alpha * delta
+    var = (1 - alpha) * (var + alpha * delta ** 2)
+    z = np.clip((x - mean) / np.sqrt(var + VAR_EPS), -z_clip, z_clip)
+    return mean, var, z
+
+
+def ff_twin(h, G, target, P, g, lr, counts):
+    P, g, counts = P.astype(np.float64), g.astype(np.float64), counts.astype(np.float64)
+    on = target >= 0
+    e = lr * (1 / (1 + np.exp(-G.astype(np.float64))) - target)
+    P[on] -= np.outer(e[on], h) / np.sqrt(P.shape[1])
+    g[on] += e[on]
+    counts[on] += 1
+    return P, g, counts
+
+
+def ff_loss(h, P, g, target):
+    """L_FF of one layer on one sample, in float64, routing recomputed from P and g."""
+    G = h @ P.T / np.sqrt(P.shape[1]) - g
+    s = 1 / (1 + np.exp(-G))
+    return -np.sum(np.log(s[target == 1])) - np.sum(np.log(1 - s[target == 0]))
+
+
+# -- EMA standardisation --------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), d=st.integers(1, 40), alpha=st.floats(0.0, 0.5),
+       scale=st.sampled_from([1e-3, 1.0, 50.0, 3e4]), z_clip=st.sampled_from([1.0, 3.0, Z_CLIP]))
+def test_ema_standardize_matches_numpy(seed, d, alpha, scale, z_clip):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(d) * scale).astype(f32)
+    mean = rng.standard_normal(d).astype(f32)
+    var = rng.uniform(0.01, 4.0, d).astype(f32)
+    want_m, want_v, want_z = ema_twin(x, mean, var, alpha, z_clip)
+    z = np.full(d, np.nan, f32)
+    _ema_standardize(x, mean, var, f32(alpha), f32(z_clip), z)
+    np.testing.assert_allclose(mean, want_m, rtol=1e-5, atol=1e-5 * max(1.0, scale))
+    np.testing.assert_allclose(var, want_v, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(z, want_z, rtol=1e-4, atol=1e-4)
+    assert np.all(np.abs(z) <= z_clip)
+
+
+def test_ema_standardize_over_a_stream_matches_numpy():
+    rng = np.random.default_rng(1)
+    d = 12
+    mean, var = np.zeros(d, f32), np.ones(d, f32)
+    m64, v64 = mean.astype(np.float64), var.astype(np.float64)
+    z = np.empty(d, f32)
+    for t in range(300):
+        x = (rng.standard_normal(d) * 2 + 0.01 * t).astype(f32)   # a slow drift
+        _ema_standardize(x, mean, var, f32(0.05), f32(Z_CLIP), z)
+        m64, v64, z64 = ema_twin(x, m64, v64, 0.05, Z_CLIP)
+        np.testing.assert_allclose(z, z64, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(mean, m64, rtol=1e-4, atol=1e-4)
+    # the running mean followed the drift
+    assert abs(float(mean.mean()) - 0.01 * 280) < 0.5
+
+
+def test_ema_with_alpha_zero_is_the_models_standardisation():
+    rng = np.random.default_rng(2)
+    d = 30
+    x = (rng.standard_normal(d) * 40).astype(f32)
+    mean = rng.standard_normal(d).astype(f32)
+    std = rng.uniform(0.5, 3, d).astype(f32)
+    var = np.square(std)
+    z = np.empty(d, f32)
+    ema_standardize(x, mean.copy(), var.copy(), 0.0, Z_CLIP, z)
+    np.testing.assert_allclose(z, standardize(x[None], mean, std)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_one_extreme_outlier_does_not_mute_its_feature():
+    mean, var = np.zeros(1, f32), np.ones(1, f32)
+    z = np.empty(1, f32)
+    ema_standardize(np.array([30000.0], f32), mean, var, 0.01, Z_CLIP, z)
+    assert z[0] == pytest.approx(Z_CLIP)
+    assert var[0] < 2.0 and abs(mean[0]) < 0.2      # winsorised: one sample moves it little
+    ema_standardize(np.array([1.0], f32), mean, var, 0.01, Z_CLIP, z)
+    assert 0.5 < z[0] < 1.5                         # the next normal sample still reads as normal
+
+
+def test_ema_wrapper_rejects_bad_arrays():
+    d = 4
+    ok = np.zeros(d, f32)
+    with pytest.raises(TypeError, match="float32"):
+        ema_standardize(np.zeros(d), ok.copy(), np.ones(d, f32), 0.01, 10, ok.copy())
+    with pytest.raises(ValueError, match="shape"):
+        ema_standardize(np.zeros(d + 1, f32), ok.copy(), np.ones(d, f32), 0.01, 10, ok.copy())
+    with pytest.raises(TypeError, match="C-contiguous"):
+        ema_standardize(np.zeros(2 * d, f32)[::2], ok.copy(), np.ones(d, f32), 0.01, 10, ok.copy())
+    with pytest.raises(ValueError, match="alpha"):
+        ema_standardize(ok.copy(), ok.copy(), np.ones(d, f32), 1.5, 10, ok.copy())
+
+
+# -- Forward-Forward step -------------------------------------------------------------------------
+
+def _layer(rng, d_out, d_in):
+    h = rng.standard_normal(d_in).astype(f32)
+    P = rng.standard_normal((d_out, d_in)).astype(f32)
+    g = rng.standard_normal(d_out).astype(f32)
+    G = (h @ P.T / np.sqrt(d_in) - g).astype(f32)
+    target = rng.choice(np.array([-1, 0, 1], f32), d_out)
+    return h, G, target, P, g
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), d_out=st.integers(1, 20), d_in=st.integers(1, 30),
+       lr=st.floats(0.0, 1.0))
+def test_ff_update_matches_numpy(seed, d_out, d_in, lr):
+    rng = np.random.default_rng(seed)
+    h, G, target, P, g = _layer(rng, d_out, d_in)
+    counts = rng.integers(0, 5, d_out).astype(f32)
+    want_P, want_g, want_c = ff_twin(h, G, target, P, g, lr, counts)
+    _ff_update(h, G, target, P, g, f32(lr), counts)
+    np.testing.assert_allclose(P, want_P, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(counts, want_c)
+
+
+def test_ff_update_is_minus_the_analytic_gradient_of_the_ff_loss():
+    """With lr = 1 the step is exactly -dL_FF/d(P, g); check it against central differences."""
+    rng = np.random.default_rng(3)
+    d_out, d_in = 5, 7
+    h, G, target, P, g = _layer(rng, d_out, d_in)
+    target[:3] = [1, 0, -1]
+    P0, g0 = P.astype(np.float64), g.astype(np.float64)
+    _ff_update(h, G, target, P, g, f32(1.0), np.zeros(d_out, f32))
+    step_P, step_g = P - P0, g - g0
+
+    h64, eps = h.astype(np.float64), 1e-6
+    num_P, num_g = np.zeros_like(P0), np.zeros_like(g0)
+    for j in range(d_out):
+        for k in range(d_in):
+            Pp, Pm = P0.copy(), P0.copy()
+            Pp[j, k] += eps
+            Pm[j, k] -= eps
+            num_P[j, k] = (ff_loss(h64, Pp, g0, target) - ff_loss(h64, Pm, g0, target)) / (2 * eps)
+        gp, gm = g0.copy(), g0.copy()
+        gp[j] += eps
+        gm[j] -= eps
+        num_g[j] = (ff_loss(h64, P0, gp, target) - ff_loss(h64, P0, gm, target)) / (2 * eps)
+    np.testing.assert_allclose(step_P, -num_P, atol=1e-5)
+    np.testing.assert_allclose(step_g, -num_g, atol=1e-5)
+    assert np.all(step_P[target < 0] == 0) and np.all(step_g[target < 0] == 0)
+    assert np.abs(step_P).sum() > 0.1   # the check is not vacuous
+
+
+def test_small_ff_steps_lower_the_ff_loss_and_count_moved_units():
+    rng = np.random.default_rng(4)
+    h, _, target, P, g = _layer(rng, 8, 10)
+    counts = np.zeros(8, f32)
+    before = ff_loss(h.astype(np.float64), P.astype(np.float64), g.astype(np.float64), target)
+    for _ in range(20):
+        G = (h @ P.T / np.sqrt(10) - g).astype(f32)
+        ff_update(h, G, target, P, g, 0.05, counts)
+    after = ff_loss(h.astype(np.float64), P.astype(np.float64), g.astype(np.float64), target)
+    assert after < before
+    np.testing.assert_array_equal(counts, np.where(target >= 0, 20, 0))
+
+
+def test_ff_wrapper_rejects_bad_arrays():
+    rng = np.random.default_rng(5)
+    h, G, target, P, g = _layer(rng, 3, 4)
+    c = np.zeros(3, f32)
+    with pytest.raises(ValueError, match="h has shape"):
+        ff_update(h[:3].copy(), G, target, P, g, 0.1, c)
+    with pytest.raises(TypeError, match="float32"):
+        ff_update(h, G.astype(np.float64), target, P, g, 0.1, c)
+    with pytest.raises(TypeError, match="C-contiguous"):
+        ff_update(h, G, target, np.asfortranarray(P), g, 0.1, c)

@@ -1,0 +1,317 @@
+"""Workstation role: torch SPL model vs the numpy reference, ONNX vs torch, pretraining, and the
+`train` / `export` commands.
+
+Tolerances: torch vs numpy 1e-5 absolute + 1e-5 relative (same float32 math, different matmul
+order); onnxruntime vs torch 1e-4 absolute + 1e-4 relative (what `edge-spl export` checks).
+Rows where a hidden routing value lies within 1e-4 of 0 are left out of comparisons: there a
+rounding difference legitimately flips a hard mask.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_model
+
+from edge_spl.data import Dataset, load_training_data
+from edge_spl.errors import DataError, ModelError
+from edge_spl.export.onnx_export import export_model
+from edge_spl.export.pretrain import pretrain, split_stratified, standardisation
+from edge_spl.export.spl_torch import SPLModel, mask_oracle
+from edge_spl.manifest import ExportedModel, input_names, output_names
+from edge_spl.model import ModelState, init_model
+from edge_spl.spl import Z_CLIP, forward
+
+SWITCH_EPS = 1e-4
+
+
+def random_state(sizes, seed, gate_scale):
+    """A random model with gates spread by gate_scale (0: all at 0; large: mostly on or off)."""
+    rng = np.random.default_rng(seed)
+    d = sizes[0]
+    state = init_model(list(sizes), rng.standard_normal(d), rng.uniform(0.5, 2.0, d),
+                       [f"c{i}" for i in range(sizes[-1])], [f"f{i}" for i in range(d)], seed=seed)
+    for L in state.layers:
+        L["g"][:] = rng.standard_normal(L["g"].shape) * gate_scale
+        if "b" in L:
+            L["b"][:] = rng.standard_normal(L["b"].shape) * 0.5
+    return state
+
+
+def inputs(d, n=200, seed=1):
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.standard_normal((n, d)) * 2.0, -Z_CLIP, Z_CLIP).astype(np.float32)
+
+
+def clear_rows(rs) -> np.ndarray:
+    keep = np.ones(rs[0].shape[0], bool)
+    for r in rs:
+        keep &= np.abs(np.asarray(r)).min(axis=1) > SWITCH_EPS
+    return keep
+
+
+def torch_trace(state, z):
+    with torch.no_grad():
+        return SPLModel.from_state(state).trace(torch.from_numpy(z))
+
+
+def run_onnx(onnx_bytes, z, protos):
+    n = len(protos)
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    feed = dict(zip(input_names(n), [z] + [a for P, g in protos for a in (P, g)]))
+    return dict(zip(output_names(n), sess.run(output_names(n), feed)))
+
+
+# -- torch model vs numpy reference ------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes", [(8, 16, 16, 3), (5, 12, 7, 4), (6, 6, 2), (10, 10, 10, 10, 3)])
+@pytest.mark.parametrize("gate_scale", [0.0, 0.3, 2.0])
+def test_torch_forward_matches_numpy_reference(sizes, gate_scale):
+    state = random_state(sizes, seed=len(sizes) * 7 + int(gate_scale * 10), gate_scale=gate_scale)
+    z = inputs(sizes[0])
+    logits, hs, rs = forward(state.layers, z)
+    tr = torch_trace(state, z)
+    keep = clear_rows(rs[:-1])
+    assert keep.mean() > 0.8
+    np.testing.assert_allclose(tr.logits.numpy()[keep], logits[keep], rtol=1e-5, atol=1e-5)
+    for i in range(1, len(hs)):
+        np.testing.assert_allclose(tr.hs[i].numpy()[keep], hs[i][keep], rtol=1e-5, atol=1e-5)
+    for r_t, r_n in zip(tr.rs, rs[:-1]):
+        np.testing.assert_allclose(r_t.numpy(), r_n, rtol=1e-5, atol=1e-5)
+    # the case mix is real: some units on, some off, and pass-through used where shapes allow
+    masks = np.concatenate([(r > 0).ravel() for r in rs[:-1]])
+    if gate_scale > 0:
+        assert 0.02 < masks.mean() < 0.98
+
+
+def test_pass_through_keeps_input_of_switched_off_units():
+    state = random_state((6, 6, 2), seed=3, gate_scale=0.0)
+    state.layers[0]["g"][:] = 1e6          # every hidden unit off
+    z = inputs(6, n=20)
+    tr = torch_trace(state, z)
+    np.testing.assert_array_equal(tr.hs[1].numpy(), z)
+
+
+# -- ONNX vs torch -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes", [(8, 16, 16, 3), (5, 12, 7, 4)])
+def test_onnx_matches_torch_and_prototypes_are_live_inputs(sizes):
+    state = random_state(sizes, seed=11, gate_scale=0.3)
+    exported = export_model(state)
+    z = inputs(sizes[0], n=300)
+
+    got = run_onnx(exported.onnx_bytes, z, exported.protos)
+    tr = torch_trace(state, z)
+    keep = clear_rows([r.numpy() for r in tr.rs])
+    np.testing.assert_allclose(got["logits"][keep], tr.logits.numpy()[keep], rtol=1e-4, atol=1e-4)
+    for i, r in enumerate(tr.rs):
+        np.testing.assert_allclose(got[f"r{i}"], r.numpy(), rtol=1e-4, atol=1e-4)
+
+    # new P, g fed as inputs change the output, and torch holding the same P, g agrees
+    rng = np.random.default_rng(5)
+    protos = [((P + 0.5 * rng.standard_normal(P.shape)).astype(np.float32),
+               (g + 0.5 * rng.standard_normal(g.shape)).astype(np.float32)) for P, g in exported.protos]
+    got2 = run_onnx(exported.onnx_bytes, z, protos)
+    assert np.abs(got2["logits"] - got["logits"]).max() > 0.1
+    for i in range(len(protos) - 1):
+        assert ((got2[f"r{i}"] > 0) != (got[f"r{i}"] > 0)).mean() > 0.05   # masks moved too
+    tr2 = torch_trace(state.with_prototypes(protos), z)
+    keep2 = clear_rows([r.numpy() for r in tr2.rs])
+    np.testing.assert_allclose(got2["logits"][keep2], tr2.logits.numpy()[keep2], rtol=1e-4, atol=1e-4)
+
+
+def test_export_check_catches_a_wrong_graph():
+    from edge_spl.cli.export import compare
+
+    a, b = random_state((8, 16, 16, 3), 1, 0.3), random_state((8, 16, 16, 3), 2, 0.3)
+    z = inputs(8)
+    assert compare(a, export_model(a).onnx_bytes, a.prototypes(), z)["ok"]
+    assert not compare(a, export_model(b).onnx_bytes, a.prototypes(), z)["ok"]
+
+
+# -- conversions and gradient paths ------------------------------------------------------------
+
+def test_state_round_trip():
+    state = make_model((8, 16, 16, 3), seed=4)
+    state.version, state.info = 3, {"note": "x"}
+    back = SPLModel.from_state(state).to_state(state)
+    for L0, L1 in zip(state.layers, back.layers):
+        assert L0.keys() == L1.keys()
+        for k in L0:
+            np.testing.assert_array_equal(L0[k], L1[k])
+    assert (back.class_names, back.feature_names, back.model_id, back.version, back.info) == \
+        (state.class_names, state.feature_names, state.model_id, 3, {"note": "x"})
+    np.testing.assert_array_equal(back.std, state.std)
+    fresh = SPLModel.from_state(state).to_state(mean=state.mean, std=state.std, model_id="m2",
+                                                class_names=state.class_names,
+                                                feature_names=state.feature_names)
+    assert fresh.model_id == "m2" and fresh.sizes == state.sizes
+    with pytest.raises(TypeError):
+        SPLModel.from_state(state).to_state()
+
+
+def test_cross_entropy_never_reaches_hidden_routing_and_meta_reaches_only_routing():
+    from edge_spl.export.pretrain import meta_loss
+
+    state = random_state((8, 16, 16, 3), seed=6, gate_scale=0.3)
+    model = SPLModel.from_state(state)
+    z = torch.from_numpy(inputs(8, n=64))
+    y = torch.from_numpy(np.random.default_rng(0).integers(0, 3, 64))
+    trace = model.trace(z, relax=True)
+    ce = torch.nn.functional.cross_entropy(trace.logits, y)
+    ce.backward()
+    for L in model.hidden:
+        assert L.P.grad is None and L.g.grad is None
+        assert L.W.grad is not None and L.W.grad.abs().sum() > 0
+    assert model.head.P.grad.abs().sum() > 0 and model.head.g.grad.abs().sum() > 0
+    oracle = mask_oracle(trace)
+    assert all(o.shape == m.shape and (o < 0).any() and (o > 0).any() for o, m in zip(oracle, trace.masks))
+
+    model.zero_grad(set_to_none=True)
+    meta_loss(trace, tau=1.0, rho=0.25, fraction_weight=10.0).backward()
+    for L in model.hidden:
+        assert L.W.grad is None and L.b.grad is None
+        assert L.P.grad.abs().sum() > 0 and L.g.grad.abs().sum() > 0
+    assert model.head.P.grad is None
+
+
+def test_oracle_is_the_per_sample_loss_change_of_a_mask():
+    # d(sum of per-sample CE)/d(mask[n, j]) must match a finite difference of sample n's loss
+    state = random_state((6, 6, 3), seed=2, gate_scale=0.3)
+    model = SPLModel.from_state(state).double()
+    z = torch.from_numpy(inputs(6, n=5)).double()
+    y = torch.tensor([0, 1, 2, 0, 1])
+    trace = model.trace(z, relax=True)
+    torch.nn.functional.cross_entropy(trace.logits, y, reduction="sum").backward()
+    o = mask_oracle(trace)[0]
+    L = model.hidden[0]
+    with torch.no_grad():
+        a = torch.nn.functional.silu(z @ L.W.T + L.b)
+        def loss(mask):
+            h = a * mask + z * (1 - mask)
+            return torch.nn.functional.cross_entropy(model.head(h), y, reduction="none")
+        m0 = trace.masks[0].detach()
+        for n, j in [(0, 0), (1, 3), (4, 5)]:
+            m1 = m0.clone()
+            m1[n, j] += 1e-6
+            fd = (loss(m1) - loss(m0)) / 1e-6
+            assert fd[n].item() == pytest.approx(o[n, j].item(), rel=1e-4, abs=1e-8)
+            assert torch.all(fd[torch.arange(5) != n].abs() < 1e-9)   # other samples untouched
+
+
+# -- pretraining -------------------------------------------------------------------------------
+
+def test_split_and_standardisation():
+    y = np.array([0] * 50 + [1] * 10 + [2])
+    tr, te = split_stratified(y, 0.2, seed=0)
+    assert len(np.intersect1d(tr, te)) == 0 and len(tr) + len(te) == len(y)
+    assert sorted(np.bincount(y[te], minlength=3)) == [0, 2, 10]       # the lone class stays in training
+    assert np.array_equal(split_stratified(y, 0.2, seed=0)[1], te)
+    assert len(split_stratified(y, 0.0, seed=0)[1]) == 0
+    with pytest.raises(DataError):
+        split_stratified(y, 1.0, seed=0)
+    X = np.array([[1.0, 5.0], [3.0, 5.0]], np.float32)
+    mean, std = standardisation(X)
+    assert mean.tolist() == [2.0, 5.0] and std[0] == 1.0 and 0 < std[1] < 1e-4
+
+
+def test_pretrain_errors():
+    X = np.zeros((10, 3), np.float32)
+    with pytest.raises(DataError, match="class"):
+        pretrain(Dataset(X, ["a"] * 10, ["x", "y", "z"]), epochs=1)
+    with pytest.raises(ModelError, match="hidden"):
+        pretrain(Dataset(X, ["a", "b"] * 5, ["x", "y", "z"]), hidden=[0], epochs=1)
+
+
+def test_pretrain_drops_unlabelled_rows_and_is_deterministic(capsys):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((120, 4)).astype(np.float32)
+    y = ["hi" if v > 0 else "lo" for v in X[:, 0]]
+    y[::6] = [None] * len(y[::6])
+    ds = Dataset(X, y, ["a", "b", "c", "d"], "mine.csv")
+    s1, r1 = pretrain(ds, hidden=[16, 16], epochs=5, holdout=0.25, seed=3)
+    s2, r2 = pretrain(ds, hidden=[16, 16], epochs=5, holdout=0.25, seed=3, progress=True)
+    assert "train" in capsys.readouterr().err               # progress=True: a tqdm bar on stderr
+    assert r1["n_train"] + r1["n_heldout"] == 100
+    assert s1.model_id == "mine" and s1.class_names == ["hi", "lo"]
+    for L1, L2 in zip(s1.layers, s2.layers):
+        for k in L1:
+            np.testing.assert_array_equal(L1[k], L2[k])
+
+
+@pytest.mark.slow
+def test_pretrain_gas_batch1(gas_dir):
+    ds = load_training_data(gas_dir)
+    epochs_seen = []
+    state, report = pretrain(ds, epochs=15, seed=0, progress=lambda e, s: epochs_seen.append(e))
+    assert epochs_seen == list(range(1, 16))
+    assert report["heldout_acc"] > 0.8, report            # chance is about 0.2
+    assert state.model_id == "gas-drift" and state.sizes == [128, 256, 256, 6]
+    assert all(0.02 < a < 0.6 for a in report["active"]), report["active"]
+    init = init_model(state.sizes, state.mean, state.std, state.class_names, state.feature_names, seed=0)
+    for L, L0 in zip(state.layers[:-1], init.layers[:-1]):
+        assert np.abs(L["P"] - L0["P"]).max() > 0.01      # the meta loss moved prototypes
+        assert np.abs(L["g"] - L0["g"]).max() > 0.01      # and gates
+    # the trained state is the numpy reference's model: its accuracy matches the report
+    assert state.info["heldout_acc"] == report["heldout_acc"]
+
+
+@pytest.mark.slow
+def test_pretrain_occupancy(occupancy_dir):
+    state, report = pretrain(load_training_data(occupancy_dir), epochs=4, seed=0)
+    assert state.model_id == "occupancy" and state.sizes == [5, 256, 256, 2]
+    assert report["heldout_acc"] > 0.9, report            # the majority class is about 0.79
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+def edge_spl(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "edge_spl", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_train_then_export(gas_dir, tmp_path):
+    out = str(tmp_path / "gas")
+    r = edge_spl("train", "--data", gas_dir, "--out", out, "--epochs", "10", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "held-out accuracy" in r.stdout and "saved" in r.stdout
+    assert r.stderr.strip() == ""                          # --quiet: no progress bar
+    state = ModelState.load(out)
+    assert state.sizes == [128, 256, 256, 6]
+
+    r = edge_spl("export", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "max |logit diff|" in r.stdout and len(r.stdout.strip().splitlines()) == 1
+    model = ExportedModel.load(out)
+    assert model.manifest.model_id == "gas-drift" and model.manifest.sizes == state.sizes
+    for (P, g), L in zip(model.protos, state.layers):
+        np.testing.assert_array_equal(P, L["P"])
+        np.testing.assert_array_equal(g, L["g"])
+    np.testing.assert_array_equal(np.float32(model.manifest.std), state.std)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "/nonexistent"], "no such file"),
+    (["--data", "GAS", "--hidden", "abc"], "--hidden"),
+    (["--data", "GAS", "--holdout", "1.5"], "--holdout"),
+])
+def test_cli_train_bad_input_is_one_line(args, words, gas_dir, tmp_path):
+    args = [gas_dir if a == "GAS" else a for a in args]
+    r = edge_spl("train", *args, "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("edge-spl train: error:")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_cli_export_missing_model_is_one_line(tmp_path):
+    r = edge_spl("export", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
