@@ -66,6 +66,37 @@ def _ff_update(h, G, target, P, g, lr, counts):
         counts[j] += 1.0
 
 
+RMS_EPS = 1e-6
+
+
+@njit(cache=True, nogil=True)
+def _ff_update_rms(h, G, target, P, g, vP, vg, lr, lr_gate, decay, corr, counts):
+    """The same Forward-Forward step as `_ff_update`, preconditioned per parameter by a running
+    mean of its squared gradient (RMSprop): a diagonal second-order scaling, so a prototype
+    coordinate that rarely moves takes a full step when it does, and a few labels suffice.
+
+    grad = dL_FF/dP[j,k] = e_j h_k / sqrt(d_in), dL_FF/dg[j] = -e_j with e = sigmoid(G) - target;
+    v <- decay v + (1 - decay) grad^2;  param -= lr grad / sqrt(v / corr + eps), where
+    corr = 1 - decay^n is the bias correction after n steps. Gates take step size lr_gate."""
+    inv_sqrt = 1.0 / math.sqrt(P.shape[1])
+    keep = 1.0 - decay
+    for j in range(P.shape[0]):
+        t = target[j]
+        if t < 0.0:
+            continue
+        e = 1.0 / (1.0 + math.exp(-G[j])) - t
+        c = e * inv_sqrt
+        for k in range(P.shape[1]):
+            gr = c * h[k]
+            v = decay * vP[j, k] + keep * gr * gr
+            vP[j, k] = v
+            P[j, k] -= lr * gr / math.sqrt(v / corr + RMS_EPS)
+        v = decay * vg[j] + keep * e * e
+        vg[j] = v
+        g[j] += lr_gate * e / math.sqrt(v / corr + RMS_EPS)
+        counts[j] += 1.0
+
+
 def check_f32(name: str, a, shape) -> np.ndarray:
     """Kernels take C-contiguous float32 arrays of a known shape; say clearly when they are not."""
     if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
@@ -98,3 +129,20 @@ def ff_update(h, G, target, P, g, lr: float, counts) -> None:
     for name, a in (("G", G), ("target", target), ("g", g), ("counts", counts)):
         check_f32(name, a, (d_out,))
     _ff_update(h, G, target, P, g, np.float32(lr), counts)
+
+
+def ff_update_rms(h, G, target, P, g, vP, vg, lr: float, lr_gate: float, decay: float, corr: float,
+                  counts) -> None:
+    """Validating wrapper of `_ff_update_rms`."""
+    if not isinstance(P, np.ndarray) or P.ndim != 2:
+        raise ValueError("P must be a 2-d array [d_out, d_in]")
+    d_out, d_in = P.shape
+    check_f32("P", P, (d_out, d_in))
+    check_f32("vP", vP, (d_out, d_in))
+    check_f32("h", h, (d_in,))
+    for name, a in (("G", G), ("target", target), ("g", g), ("vg", vg), ("counts", counts)):
+        check_f32(name, a, (d_out,))
+    if not (0.0 <= decay < 1.0 and 0.0 < corr <= 1.0):
+        raise ValueError(f"decay {decay} must be in [0, 1) and corr {corr} in (0, 1]")
+    _ff_update_rms(h, G, target, P, g, vP, vg, np.float32(lr), np.float32(lr_gate),
+                   np.float32(decay), np.float32(corr), counts)

@@ -3,7 +3,8 @@
 STATE_DIR/device-state.bin is one file, replaced atomically on every save:
     b"EDGE-SPL-DEVICE-STATE <format> <sha256 of the rest>\n" + npz of plain arrays
 holding the live and base prototypes, per-row counts, the outbox (each outstanding delta as its
-wire encoding, uint8), running input mean/variance, the previous input (for negatives) and a
+wire encoding, uint8), running input mean/variance, the head's running squared gradients, the
+previous input (for negatives) and a
 JSON record (versions, sequence numbers, sample count, RNG state as ints).
 
 A device that pulled its model from the broker also keeps manifest.json, model.onnx and
@@ -33,7 +34,8 @@ def state_path(state_dir: str) -> str:
 
 
 def save_state(learner: FFLearner, state_dir: str) -> None:
-    arrays = {"mean": learner.mean_, "var": learner.var_, "prev_z": learner.prev_z_}
+    arrays = {"mean": learner.mean_, "var": learner.var_, "prev_z": learner.prev_z_,
+              "vP": learner.vP_, "vg": learner.vg_}
     for i, ((P, g), (bP, bg), c) in enumerate(zip(learner.protos_, learner.base_, learner.counts_)):
         arrays.update({f"P{i}": P, f"g{i}": g, f"bP{i}": bP, f"bg{i}": bg, f"counts{i}": c})
     for k, dlt in enumerate(learner.outstanding_):
@@ -45,6 +47,7 @@ def save_state(learner: FFLearner, state_dir: str) -> None:
         "base_version": learner.base_version_,
         "next_seq": learner.next_seq_,
         "n_samples": learner.n_samples_,
+        "head_steps": learner.head_steps_,
         "has_prev": learner.has_prev_,
         "n_outstanding": len(learner.outstanding_),
         "rng": learner.rng_.bit_generator.state,   # PCG64: plain (big) ints, JSON keeps them exact
@@ -106,6 +109,7 @@ def _restore(learner: FFLearner, arrays: dict, meta: dict, path: str) -> None:
     base = [(get(f"bP{i}", P).copy(), get(f"bg{i}", g).copy()) for i, (P, g) in enumerate(learner.protos_)]
     counts = [get(f"counts{i}", c) for i, c in enumerate(learner.counts_)]
     mean, var, prev_z = get("mean", learner.mean_), get("var", learner.var_), get("prev_z", learner.prev_z_)
+    vP, vg = get("vP", learner.vP_), get("vg", learner.vg_)
     outstanding = [decode_delta(arrays[f"out{k}"].tobytes()) for k in range(int(meta["n_outstanding"]))]
     rng = np.random.default_rng()
     rng.bit_generator.state = meta["rng"]
@@ -119,6 +123,9 @@ def _restore(learner: FFLearner, arrays: dict, meta: dict, path: str) -> None:
     learner.mean_[...] = mean
     learner.var_[...] = var
     learner.prev_z_[...] = prev_z
+    learner.vP_[...] = vP
+    learner.vg_[...] = vg
+    learner.head_steps_ = int(meta["head_steps"])
     learner.base_ = base
     learner.outstanding_ = outstanding
     learner.base_version_ = int(meta["base_version"])

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_spl.device.kernels import VAR_EPS, _ema_standardize, _ff_update, ema_standardize, ff_update
+from edge_spl.device.kernels import (RMS_EPS, VAR_EPS, _ema_standardize, _ff_update, _ff_update_rms,
+                                    ema_standardize, ff_update, ff_update_rms)
 from edge_spl.spl import Z_CLIP, standardize
 
 f32 = np.float32
@@ -32,6 +33,19 @@ def ff_twin(h, G, target, P, g, lr, counts):
     g[on] += e[on]
     counts[on] += 1
     return P, g, counts
+
+
+def ff_rms_twin(h, G, target, P, g, vP, vg, lr, lr_gate, decay, corr, counts):
+    P, g, vP, vg, counts = (a.astype(np.float64) for a in (P, g, vP, vg, counts))
+    on = target >= 0
+    e = 1 / (1 + np.exp(-G.astype(np.float64))) - target
+    grad = np.outer(e, h) / np.sqrt(P.shape[1])
+    vP[on] = decay * vP[on] + (1 - decay) * grad[on] ** 2
+    P[on] -= lr * grad[on] / np.sqrt(vP[on] / corr + RMS_EPS)
+    vg[on] = decay * vg[on] + (1 - decay) * e[on] ** 2
+    g[on] += lr_gate * e[on] / np.sqrt(vg[on] / corr + RMS_EPS)
+    counts[on] += 1
+    return P, g, vP, vg, counts
 
 
 def ff_loss(h, P, g, target):
@@ -187,3 +201,48 @@ def test_ff_wrapper_rejects_bad_arrays():
         ff_update(h, G.astype(np.float64), target, P, g, 0.1, c)
     with pytest.raises(TypeError, match="C-contiguous"):
         ff_update(h, G, target, np.asfortranarray(P), g, 0.1, c)
+
+
+# -- RMS-preconditioned FF step -------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), d_out=st.integers(1, 12), d_in=st.integers(1, 40),
+       decay=st.sampled_from([0.0, 0.5, 0.99]), steps=st.integers(1, 5))
+def test_ff_update_rms_matches_numpy(seed, d_out, d_in, decay, steps):
+    rng = np.random.default_rng(seed)
+    P = rng.standard_normal((d_out, d_in)).astype(f32)
+    g = rng.standard_normal(d_out).astype(f32)
+    vP, vg, counts = np.zeros((d_out, d_in), f32), np.zeros(d_out, f32), np.zeros(d_out, f32)
+    want = [a.astype(np.float64) for a in (P, g, vP, vg, counts)]
+    for n in range(1, steps + 1):
+        h = rng.standard_normal(d_in).astype(f32)
+        target = rng.choice([-1.0, 0.0, 1.0], d_out).astype(f32)
+        G = (h @ P.T / np.sqrt(d_in) - g).astype(f32)
+        corr = 1 - decay ** n if decay > 0 else 1.0
+        wP, wg, wvP, wvg, wc = want
+        want = ff_rms_twin(h, G, target, wP, wg, wvP, wvg, 0.02, 0.2, decay, corr, wc)
+        ff_update_rms(h, G, target, P, g, vP, vg, 0.02, 0.2, decay, corr, counts)
+    for got, w in zip((P, g, vP, vg, counts), want):
+        np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-5)
+
+
+def test_ff_update_rms_first_step_moves_each_touched_parameter_by_about_lr():
+    """After bias correction the first step is lr * sign(grad): the preconditioner's point."""
+    rng = np.random.default_rng(3)
+    P, g = rng.standard_normal((3, 5)).astype(f32), np.zeros(3, f32)
+    P0, g0 = P.copy(), g.copy()
+    h = rng.standard_normal(5).astype(f32)
+    G = (h @ P.T / np.sqrt(5) - g).astype(f32)
+    target = np.array([1, 0, -1], f32)
+    ff_update_rms(h, G, target, P, g, np.zeros_like(P), np.zeros(3, f32), 0.01, 0.1, 0.99,
+                  1 - 0.99, np.zeros(3, f32))
+    np.testing.assert_allclose(np.abs(P - P0)[:2], 0.01, rtol=1e-2)
+    np.testing.assert_allclose(np.abs(g - g0)[:2], 0.1, rtol=1e-2)
+    assert np.array_equal(P[2], P0[2]) and g[2] == g0[2]
+
+
+def test_ff_update_rms_rejects_bad_shapes():
+    P = np.zeros((3, 4), f32)
+    with pytest.raises(ValueError, match="vP"):
+        ff_update_rms(np.zeros(4, f32), np.zeros(3, f32), np.zeros(3, f32), P, np.zeros(3, f32),
+                      np.zeros((4, 3), f32), np.zeros(3, f32), 0.1, 0.1, 0.9, 0.1, np.zeros(3, f32))

@@ -96,7 +96,7 @@ def _run(args, sync: DeviceSync | None) -> int:
     model, pulled_release = _load_model(args, sync)
     try:
         learner = FFLearner(model, device_id=args.id, seed=zlib.crc32(args.id.encode()),
-                            lr_head=getattr(args, "lr_head", 0.1), lr_hidden=getattr(args, "lr_hidden", 0.0))
+                            lr_head=args.lr_head, lr_gate=args.lr_gate, lr_hidden=args.lr_hidden)
     except ValueError as e:
         raise EdgeSplError(str(e).replace("lr_", "--lr-")) from None
     c = Counters()
