@@ -20,6 +20,7 @@ COMMANDS = {
     "server": ("server", "server"),
     "demo": ("demo", "demo"),
     "broker": ("broker", "demo"),
+    "bench": ("bench", "bench"),
 }
 
 
@@ -104,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--predictions", metavar="FILE", help="also write index,prediction,label,version CSV here")
     d.add_argument("--quiet", action="store_true", help="a running summary instead of a line per sample")
     d.add_argument("--wait", type=float, default=30.0, metavar="SEC", help="how long to wait for the broker and model (default 30)")
-    d.add_argument("--lr-head", type=float, default=0.1, metavar="LR",
-                   help="step size of the label-driven FF on the class prototypes (default 0.1; 0 = off)")
+    d.add_argument("--lr-head", type=float, default=0.02, metavar="LR",
+                   help="step size of the label-driven FF on the class prototypes (default 0.02; 0 = off)")
+    d.add_argument("--lr-gate", type=float, default=0.2, metavar="LR",
+                   help="step size of the class gates in that step (default 0.2)")
     d.add_argument("--lr-hidden", type=float, default=0.0, metavar="LR",
                    help="step size of the unsupervised FF on hidden layers (default 0 = off)")
 
@@ -132,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--limit", type=positive_int, metavar="N",
                    help="stream only the first N samples of each batch (a quick try)")
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    bench = sub.add_parser("bench", help="benchmarks that print tables and compare alternatives (needs [bench])",
+                           description="Benchmarks: each prints a table, writes JSON and a plot, and "
+                                       "compares alternatives in the same run.")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    ba = bsub.add_parser("adapt", help="accuracy under real drift: edge-spl's device learner vs the alternatives",
+                         description="Prequential accuracy and macro-F1 on gas drift (pretrain batch 1, "
+                                     "stream 2..6) and occupancy (pretrain datatraining, stream datatest2), "
+                                     "three label regimes, shuffled and file order, for: frozen model, "
+                                     "edge-spl (and its ablations), BP fine-tuning of P and g, streaming "
+                                     "SLDA, last-label, river LR and ARF; plus the cosine between FF "
+                                     "updates and BP gradients.")
+    ba.add_argument("--data", default=None, metavar="DIR",
+                    help="folder holding gas-sensor-drift/ and occupancy/ (default ../shared/data)")
+    ba.add_argument("--out", default="bench-adapt", metavar="DIR", help="output folder (default ./bench-adapt)")
+    ba.add_argument("--seeds", type=positive_int, default=3, help="shuffle/pretraining seeds (default 3)")
+    ba.add_argument("--limit", type=positive_int, metavar="N", help="stream only N samples per batch (smoke run)")
+    ba.add_argument("--epochs", type=positive_int, default=60, help="pretraining epochs (default 60)")
+    ba.add_argument("--only", metavar="NAME,NAME", help="run only these learners (default: all)")
+
     b = sub.add_parser("broker", help="run the embedded MQTT 3.1.1 broker (needs [demo])",
                        description="A small MQTT broker (amqtt) for trying edge-spl without mosquitto. "
                                    "For deployments use mosquitto (docs/deploy.md).")
