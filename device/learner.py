@@ -24,10 +24,10 @@ import math
 import numpy as np
 
 from edge_spl.errors import DataError
-from edge_spl.manifest import ExportedModel
+from edge_spl.manifest import ExportedModel, proto_values_ok
 from edge_spl.protocol import LayerDelta, PrototypeDelta, Release, check_name
 
-from .kernels import _ema_standardize, _ff_update, _ff_update_rms
+from .kernels import _ema_standardize, _ff_hidden_step, _ff_update, _ff_update_pair, _ff_update_rms
 from .session import OnnxModel
 
 log = logging.getLogger("edge_spl.device")
@@ -112,11 +112,12 @@ class FFLearner:
         self._z = np.zeros((2, d), np.float32)
         hidden = self.sizes[1:-1]
         self._k = [max(1, math.ceil(self.hidden_frac * s)) for s in hidden]
-        self._tpos = [np.empty(s, np.float32) for s in hidden]
-        self._tneg = [np.empty(s, np.float32) for s in hidden]
-        self._scratch = [np.zeros(s, np.float32) for s in hidden]
+        self._rows = [np.zeros(s, np.int64) for s in hidden]
+        self._r_names = [f"r{i}" for i in range(self.n_layers)]
+        self._h_names = [f"h{i}" for i in range(self.n_layers)]
+        self._work = [np.zeros(s, np.float32) for s in hidden]
         self._thead = np.zeros(self.sizes[-1], np.float32)
-        _warm_up()
+        _warm_up(hidden=self.lr_hidden > 0 and self.n_layers > 1)
 
 
     def __getstate__(self):
@@ -162,24 +163,33 @@ class FFLearner:
         pred = int(np.argmax(logits))
         e = np.exp(logits - logits[pred])
         conf = float(1.0 / e.sum())
+        self._learn(outs, batch, label, learn_hidden)
+        self.prev_z_[:] = z
+        self.has_prev_ = True
+        self.n_samples_ += 1
+        return pred, conf
 
+    def _learn(self, outs: dict, batch: np.ndarray, label: int, learn_hidden: bool) -> None:
+        """The update work of one sample, from its onnxruntime outputs: hidden FF (when on), then
+        the head's label-conditioned FF. `edge-spl bench speed` times exactly this ("learn step")."""
         if learn_hidden:
             for i in range(self.n_layers - 1):
-                r = outs[f"r{i}"]
-                h = batch if i == 0 else outs[f"h{i}"]
+                r = outs[self._r_names[i]]
+                h = batch if i == 0 else outs[self._h_names[i]]
                 k = self._k[i]
-                top = np.argpartition(r[0], -k)[-k:]
-                tpos, tneg = self._tpos[i], self._tneg[i]
-                tpos.fill(-1.0)
-                tpos[top] = 1.0
-                tneg.fill(-1.0)
-                tneg[top] = 0.0
                 P, g = self.protos_[i]
-                _ff_update(h[0], r[0], tpos, P, g, self._lr_hidden32, self.counts_[i])
-                # the negative pass moves the same rows; count each sample once
-                _ff_update(h[1], r[1], tneg, P, g, self._lr_hidden32, self._scratch[i])
+                # top k of the positive row, then target 1 for it and 0 for the negative on the
+                # same units (counted once), in one kernel call
+                if _ff_hidden_step(h, r, k, P, g, self._lr_hidden32, self.counts_[i], self._rows[i],
+                                   self._work[i]) < 0:
+                    # ties at the k-th value: the set is argpartition's pick, as it always was
+                    rows = self._rows[i]
+                    rows[:k] = np.argpartition(r[0], -k)[-k:]
+                    _ff_update_pair(h[0], r[0], h[1], r[1], rows, k, P, g, self._lr_hidden32,
+                                    self.counts_[i])
         if label >= 0 and self.lr_head > 0:
-            h = outs[f"h{self.n_layers - 1}"][0] if self.n_layers > 1 else z
+            logits = outs["logits"][0]
+            h = outs[self._h_names[-1]][0] if self.n_layers > 1 else batch[0]
             t = self._thead
             t.fill(0.0)
             t[label] = 1.0
@@ -191,11 +201,6 @@ class FFLearner:
                                self._lr_gate32, self._decay32, corr, self.counts_[-1])
             else:
                 _ff_update(h, logits, t, P, g, self._lr_head32, self.counts_[-1])
-
-        self.prev_z_[:] = z
-        self.has_prev_ = True
-        self.n_samples_ += 1
-        return pred, conf
 
     # -- sync bookkeeping ----------------------------------------------------------------------
 
@@ -253,8 +258,8 @@ class FFLearner:
         for i, ((P, g), (mP, mg)) in enumerate(zip(release.protos, self.protos_)):
             if getattr(P, "shape", None) != mP.shape or getattr(g, "shape", None) != mg.shape:
                 return f"release v{release.version} layer {i} shapes differ from the model's"
-            if not (np.all(np.isfinite(P)) and np.all(np.isfinite(g))):
-                return f"release v{release.version} layer {i} has non-finite values"
+            if not proto_values_ok(P, g):   # NaN, inf, or so large that routing overflows
+                return f"release v{release.version} layer {i} has non-finite or absurdly large values"
         if release.version <= self.base_version_:
             return f"release v{release.version} is not newer than v{self.base_version_}"
         return None
@@ -289,7 +294,7 @@ class FFLearner:
         return True
 
 
-def _warm_up() -> None:
+def _warm_up(hidden: bool = True) -> None:
     """Compile (or load from numba's cache) the kernels for the types step() uses, so the first
     sample is not slow and samples/s measures the stream, not the compiler."""
     v = np.zeros(2, np.float32)
@@ -299,3 +304,7 @@ def _warm_up() -> None:
     _ff_update(v, v, np.full(2, -1.0, np.float32), M, v.copy(), one, v.copy())
     _ff_update_rms(v, v, np.full(2, -1.0, np.float32), M, v.copy(), M.copy(), v.copy(), one, one,
                    np.float32(0.5), one, v.copy())
+    if hidden:   # only then: each kernel costs a compile on a cold cache
+        rows = np.zeros(2, np.int64)
+        _ff_hidden_step(M, M, 1, M.copy(), v.copy(), one, v.copy(), rows, v.copy())
+        _ff_update_pair(v, v, v, v, rows, 1, M, v.copy(), one, v.copy())

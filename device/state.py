@@ -82,7 +82,7 @@ def load_state(learner: FFLearner, state_dir: str) -> bool:
         _restore(learner, arrays, meta, path)
     except ModelError:
         raise
-    except (ValueError, KeyError, TypeError, ProtocolError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, ProtocolError) as e:
         raise ModelError(f"{path}: unreadable state ({type(e).__name__}: {e})") from None
     return True
 

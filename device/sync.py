@@ -1,7 +1,10 @@
 """The device's MQTT side (paho-mqtt 2.x, MQTT 3.1.1 so amqtt's broker works too).
 
 paho's network thread only enqueues raw (topic, payload); the main loop calls `poll()`, which
-decodes (a bad payload is logged, counted and dropped) and hands back events to apply. Deltas
+decodes (a bad payload is logged, counted and dropped) and hands back events to apply. The
+inbox is bounded, since the main loop may poll only every few minutes: an oversized payload is
+dropped on arrival, of the retained topics (manifest, ONNX, release) only the newest payload is
+kept, and at most MAX_QUEUED acks wait. Deltas
 are re-published after every (re)connect: the server dedups by (device, seq), and the learner's
 outstanding deltas are the durable outbox.
 """
@@ -18,10 +21,12 @@ import paho.mqtt.client as mqtt
 from edge_spl.errors import EdgeSplError, ModelError, ProtocolError
 from edge_spl.files import sha256_hex
 from edge_spl.manifest import ExportedModel, Manifest
-from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, PrototypeDelta, Release, Topics, decode_json,
+from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, PrototypeDelta, Release, Topics, decode_ack,
                                decode_release, encode_delta, status_payload)
 
 log = logging.getLogger("edge_spl.device.sync")
+MAX_QUEUED = 1000          # acks waiting for the main loop; more are dropped (and counted)
+MAX_ACK_BYTES = 4096
 
 
 @dataclass
@@ -37,12 +42,15 @@ class DeviceSync:
         self.topics = Topics(fleet)
         self.device_id = device_id
         self.max_payload = max_payload
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, bytes | None]] = queue.Queue()
+        self._latest: dict[str, bytes] = {}   # retained topic -> newest payload not yet polled
+        self._lock = threading.Lock()
         self.connected = threading.Event()
         self.resend = threading.Event()   # set on every (re)connect: re-publish the outbox
         self.messages_sent = self.bytes_sent = 0
         self.messages_received = self.bytes_received = 0
         self.rejected = 0
+        self.refused: str | None = None   # the broker's reason when it refused the connection
         self.version = -1       # reported in the status message
         self.samples = 0
         self.outbox = 0
@@ -59,6 +67,7 @@ class DeviceSync:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
+            self.refused = str(reason_code)
             log.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
             return
         t = self.topics
@@ -74,7 +83,26 @@ class DeviceSync:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg):
-        self.inbox.put((msg.topic, bytes(msg.payload)))
+        t, topic, payload = self.topics, msg.topic, bytes(msg.payload)
+        with self._lock:
+            if topic in (t.manifest, t.onnx, t.release):
+                limit = self.max_payload
+            else:
+                limit = MAX_ACK_BYTES if self.inbox.qsize() < MAX_QUEUED else -1
+            if len(payload) > limit:
+                # counted here: the main loop never sees it
+                self.messages_received += 1
+                self.bytes_received += len(payload)
+                self.rejected += 1
+                log.warning("dropped a message of %d bytes on %s (%s)", len(payload), topic,
+                            "inbox full" if limit < 0 else f"over {limit} bytes")
+                return
+            if topic in (t.manifest, t.onnx, t.release):
+                if topic not in self._latest:
+                    self.inbox.put((topic, None))   # a token: poll() takes the newest payload
+                self._latest[topic] = payload
+            else:
+                self.inbox.put((topic, payload))
 
     # -- main loop -----------------------------------------------------------------------------
 
@@ -99,8 +127,9 @@ class DeviceSync:
         self.client.loop_start()
         if not self.connected.wait(max(0.5, deadline - time.monotonic())):
             self.close(publish_offline=False)
-            raise EdgeSplError(f"cannot reach MQTT broker {self.host}:{self.port} (no CONNACK "
-                               f"within {wait:g} s)")
+            why = (f"it refused the connection: {self.refused}" if self.refused
+                   else f"no CONNACK within {wait:g} s")
+            raise EdgeSplError(f"cannot reach MQTT broker {self.host}:{self.port} ({why})")
 
     def poll(self, timeout: float = 0.0) -> list[Event]:
         """Decode what has arrived (waiting up to `timeout` for the first message)."""
@@ -111,8 +140,11 @@ class DeviceSync:
             return events
         while True:
             topic, payload = item
-            self.messages_received += 1
-            self.bytes_received += len(payload)
+            with self._lock:
+                if payload is None:
+                    payload = self._latest.pop(topic)
+                self.messages_received += 1
+                self.bytes_received += len(payload)
             ev = self._decode(topic, payload)
             if ev is not None:
                 events.append(ev)
@@ -133,12 +165,17 @@ class DeviceSync:
             if topic == t.onnx:
                 return Event("onnx", payload)
             if topic == t.ack(self.device_id):
-                return Event("ack", decode_json(payload))
+                return Event("ack", decode_ack(payload))
             return None
         except (ProtocolError, ModelError) as e:
+            reason = str(e)
+        except Exception as e:   # a decoder bug must not stop the device: reject what hit it
+            log.debug("decoding a message on %s failed", topic, exc_info=True)
+            reason = f"{type(e).__name__}: {e}"
+        with self._lock:
             self.rejected += 1
-            log.warning("rejected message on %s: %s", topic, e)
-            return None
+        log.warning("rejected message on %s: %s", topic, reason[:200])
+        return None
 
     def publish_delta(self, delta: PrototypeDelta) -> mqtt.MQTTMessageInfo | None:
         try:

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_spl.device.kernels import (RMS_EPS, VAR_EPS, _ema_standardize, _ff_update, _ff_update_rms,
-                                    ema_standardize, ff_update, ff_update_rms)
+from edge_spl.device.kernels import (RMS_EPS, VAR_EPS, _ema_standardize, _ff_hidden_step, _ff_update,
+                                    _ff_update_pair, _ff_update_rms, _top_rows, ema_standardize,
+                                    ff_update, ff_update_batch, ff_update_rms, ff_update_rms_batch)
 from edge_spl.spl import Z_CLIP, standardize
 
 f32 = np.float32
@@ -246,3 +247,183 @@ def test_ff_update_rms_rejects_bad_shapes():
     with pytest.raises(ValueError, match="vP"):
         ff_update_rms(np.zeros(4, f32), np.zeros(3, f32), np.zeros(3, f32), P, np.zeros(3, f32),
                       np.zeros((4, 3), f32), np.zeros(3, f32), 0.1, 0.1, 0.9, 0.1, np.zeros(3, f32))
+
+
+# -- hidden layers: top k and the fused positive/negative step -------------------------------------
+
+def top_twin(r, k):
+    """The top-k set when it is unique (None when entries equal to the k-th largest straddle it)."""
+    if np.isnan(r).any():
+        return None
+    kth = np.sort(r)[::-1][k - 1]
+    if (r > kth).sum() + (r == kth).sum() != k:
+        return None
+    return set(np.flatnonzero(r >= kth).tolist())
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 70), frac=st.floats(0.01, 1.0),
+       levels=st.sampled_from([0, 3, 8]))
+def test_top_rows_matches_numpy(seed, n, frac, levels):
+    rng = np.random.default_rng(seed)
+    # levels > 0: few distinct values, so ties at the k-th value are common
+    r = (rng.integers(0, levels, n) if levels else rng.standard_normal(n)).astype(f32)
+    k = max(1, min(n, int(round(frac * n))))
+    rows, work = np.full(n, -7, np.int64), np.zeros(n, f32)
+    got = _top_rows(r, k, rows, work)
+    want = top_twin(r, k)
+    if want is None:
+        assert got == -1
+    else:
+        assert got == k and set(rows[:k].tolist()) == want
+        # the set argpartition picks, as the learner did before
+        assert want == set(np.argpartition(r, -k)[-k:].tolist())
+
+
+def test_top_rows_refuses_nan_and_keeps_every_row_when_k_is_n():
+    work, rows = np.zeros(4, f32), np.zeros(4, np.int64)
+    assert _top_rows(np.array([1, np.nan, 0, 2], f32), 2, rows, work) == -1
+    assert _top_rows(np.array([3, 3, 3, 3], f32), 4, rows, work) == 4 and set(rows) == {0, 1, 2, 3}
+    assert _top_rows(np.array([3, 3, 3, 3], f32), 2, rows, work) == -1
+
+
+def pair_twin(hp, Gp, hn, Gn, rows, P, g, lr, counts):
+    """The positive then the negative FF step on `rows`, through the plain twin."""
+    tp = np.full(len(g), -1.0, f32)
+    tp[rows] = 1.0
+    tn = np.full(len(g), -1.0, f32)
+    tn[rows] = 0.0
+    P, g, counts = ff_twin(hp, Gp, tp, P, g, lr, counts)
+    P, g, _ = ff_twin(hn, Gn, tn, P, g, lr, counts.copy())
+    return P, g, counts
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), d_out=st.integers(1, 24), d_in=st.integers(1, 30),
+       lr=st.floats(0.0, 1.0))
+def test_ff_update_pair_is_the_two_plain_steps_bit_for_bit(seed, d_out, d_in, lr):
+    rng = np.random.default_rng(seed)
+    hp, Gp, _, P, g = _layer(rng, d_out, d_in)
+    hn, Gn = rng.standard_normal(d_in).astype(f32), rng.standard_normal(d_out).astype(f32)
+    rows = rng.permutation(d_out)[:max(1, d_out // 3)].astype(np.int64)
+    counts = rng.integers(0, 5, d_out).astype(f32)
+    want = pair_twin(hp, Gp, hn, Gn, rows, P, g, lr, counts)
+    # the kernel the learner used before, run twice: the fused one must give the same bits
+    P2, g2, c2 = P.copy(), g.copy(), counts.copy()
+    tp = np.full(d_out, -1.0, f32)
+    tp[rows] = 1.0
+    tn = np.full(d_out, -1.0, f32)
+    tn[rows] = 0.0
+    _ff_update(hp, Gp, tp, P2, g2, f32(lr), c2)
+    _ff_update(hn, Gn, tn, P2, g2, f32(lr), np.zeros(d_out, f32))
+    _ff_update_pair(hp, Gp, hn, Gn, rows, len(rows), P, g, f32(lr), counts)
+    np.testing.assert_array_equal(P, P2)
+    np.testing.assert_array_equal(g, g2)
+    np.testing.assert_array_equal(counts, c2)
+    np.testing.assert_allclose(P, want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g, want[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(counts, want[2])
+
+
+def test_ff_hidden_step_updates_the_top_rows_or_nothing_on_ties():
+    rng = np.random.default_rng(6)
+    hp, Gp, _, P, g = _layer(rng, 10, 6)
+    hn, Gn = rng.standard_normal(6).astype(f32), rng.standard_normal(10).astype(f32)
+    rows, work, counts = np.zeros(10, np.int64), np.zeros(10, f32), np.zeros(10, f32)
+    want = pair_twin(hp, Gp, hn, Gn, np.argpartition(Gp, -3)[-3:], P, g, 0.1, counts)
+    h, G = np.stack([hp, hn]), np.stack([Gp, Gn])
+    assert _ff_hidden_step(h, G, 3, P, g, f32(0.1), counts, rows, work) == 3
+    for got, w in zip((P, g, counts), want):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+    tied = np.array([5, 5, 5, 1, 0, 0, 0, 0, 0, 0], f32)
+    P0, g0 = P.copy(), g.copy()
+    assert _ff_hidden_step(h, np.stack([tied, Gn]), 2, P, g, f32(0.1), counts, rows, work) == -1
+    np.testing.assert_array_equal(P, P0)
+    np.testing.assert_array_equal(g, g0)
+
+
+# -- mini-batch steps --------------------------------------------------------------------------------
+
+def _batch(rng, b, d_out, d_in):
+    H = rng.standard_normal((b, d_in)).astype(f32)
+    P = rng.standard_normal((d_out, d_in)).astype(f32)
+    g = rng.standard_normal(d_out).astype(f32)
+    G = (H @ P.T / np.sqrt(d_in) - g).astype(f32)
+    T = rng.choice(np.array([-1, 0, 1], f32), (b, d_out))
+    return H, G, T, P, g
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 9), d_out=st.integers(1, 12),
+       d_in=st.integers(1, 30), lr=st.floats(0.0, 1.0))
+def test_ff_update_batch_is_the_sum_of_per_sample_steps(seed, b, d_out, d_in, lr):
+    """The per-sample update depends on G, not on P, so B samples' steps add: the mini-batch
+    step equals B plain steps (routing from one forward pass) up to rounding."""
+    rng = np.random.default_rng(seed)
+    H, G, T, P, g = _batch(rng, b, d_out, d_in)
+    counts = np.zeros(d_out, f32)
+    wP, wg, wc = P.astype(np.float64), g.astype(np.float64), counts.astype(np.float64)
+    for s in range(b):
+        wP, wg, wc = ff_twin(H[s], G[s], T[s], wP, wg, lr, wc)
+    ff_update_batch(H, G, T, P, g, lr, counts)
+    np.testing.assert_allclose(P, wP, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g, wg, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(counts, wc)
+
+
+def rms_batch_twin(H, G, T, P, g, vP, vg, lr, lr_gate, decay, corr, counts):
+    P, g, vP, vg, counts = (a.astype(np.float64) for a in (P, g, vP, vg, counts))
+    on = T >= 0
+    E = np.where(on, 1 / (1 + np.exp(-G.astype(np.float64))) - T, 0.0)
+    grad = E.T @ H.astype(np.float64) / np.sqrt(P.shape[1])
+    esum = E.sum(0)
+    rows = on.any(0)
+    vP[rows] = decay * vP[rows] + (1 - decay) * grad[rows] ** 2
+    P[rows] -= lr * grad[rows] / np.sqrt(vP[rows] / corr + RMS_EPS)
+    vg[rows] = decay * vg[rows] + (1 - decay) * esum[rows] ** 2
+    g[rows] += lr_gate * esum[rows] / np.sqrt(vg[rows] / corr + RMS_EPS)
+    counts += on.sum(0)
+    return P, g, vP, vg, counts
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 9), d_out=st.integers(1, 10),
+       d_in=st.integers(1, 30), decay=st.sampled_from([0.0, 0.5, 0.99]))
+def test_ff_update_rms_batch_matches_numpy(seed, b, d_out, d_in, decay):
+    rng = np.random.default_rng(seed)
+    H, G, T, P, g = _batch(rng, b, d_out, d_in)
+    vP = rng.uniform(0, 0.1, (d_out, d_in)).astype(f32)
+    vg = rng.uniform(0, 0.1, d_out).astype(f32)
+    counts = np.zeros(d_out, f32)
+    corr = 1 - decay ** 3 if decay > 0 else 1.0
+    want = rms_batch_twin(H, G, T, P, g, vP, vg, 0.02, 0.2, decay, corr, counts)
+    ff_update_rms_batch(H, G, T, P, g, vP, vg, 0.02, 0.2, decay, corr, counts)
+    for got, w in zip((P, g, vP, vg, counts), want):
+        np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-5)
+
+
+def test_ff_update_rms_batch_of_one_is_the_per_sample_step():
+    rng = np.random.default_rng(7)
+    H, G, T, P, g = _batch(rng, 1, 5, 9)
+    vP, vg = np.zeros((5, 9), f32), np.zeros(5, f32)
+    P2, g2, vP2, vg2 = P.copy(), g.copy(), vP.copy(), vg.copy()
+    c1, c2 = np.zeros(5, f32), np.zeros(5, f32)
+    ff_update_rms_batch(H, G, T, P, g, vP, vg, 0.02, 0.2, 0.9, 0.1, c1)
+    ff_update_rms(H[0], G[0], T[0], P2, g2, vP2, vg2, 0.02, 0.2, 0.9, 0.1, c2)
+    np.testing.assert_allclose(P, P2, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(g, g2, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(c1, c2)
+
+
+def test_batch_wrappers_reject_bad_arrays():
+    rng = np.random.default_rng(8)
+    H, G, T, P, g = _batch(rng, 3, 4, 5)
+    c = np.zeros(4, f32)
+    with pytest.raises(ValueError, match="T has shape"):
+        ff_update_batch(H, G, T[:2].copy(), P, g, 0.1, c)
+    with pytest.raises(TypeError, match="float32"):
+        ff_update_batch(H.astype(np.float64), G, T, P, g, 0.1, c)
+    with pytest.raises(ValueError, match="vP has shape"):
+        ff_update_rms_batch(H, G, T, P, g, np.zeros((5, 4), f32), np.zeros(4, f32), 0.1, 0.1, 0.9, 0.1, c)
+    with pytest.raises(ValueError, match="decay"):
+        ff_update_rms_batch(H, G, T, P, g, np.zeros((4, 5), f32), np.zeros(4, f32), 0.1, 0.1, 1.5, 0.1, c)

@@ -36,7 +36,9 @@ def default_gas_dir() -> str | None:
 
 def broker_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host:
+    if host.startswith("[") and host.endswith("]"):   # an IPv6 address, [::1]:1883
+        host = host[1:-1]
+    if not sep or not host.strip() or any(c.isspace() for c in host):
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
     try:
         p = int(port)
@@ -45,6 +47,44 @@ def broker_address(text: str) -> tuple[str, int]:
     if not 0 < p < 65536:
         raise argparse.ArgumentTypeError(f"{text!r}: port must be 1-65535")
     return host, p
+
+
+def seconds(text: str) -> float:
+    """A finite, non-negative number of seconds (nan or inf would make every wait endless)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= v < 1e9:    # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds, 0 or more")
+    return v
+
+
+def positive_seconds(text: str) -> float:
+    v = seconds(text)
+    if v < 0.001:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds of at least 0.001")
+    return v
+
+
+def port_number(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= v < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: port must be 0-65535 (0 = a free one)")
+    return v
+
+
+MAX_DEMO_DEVICES = 32   # each is a process with its own onnxruntime; thousands would take the machine down
+
+
+def demo_devices(text: str) -> int:
+    v = positive_int(text)
+    if v > MAX_DEMO_DEVICES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the demo runs at most {MAX_DEMO_DEVICES} device processes")
+    return v
 
 
 def positive_int(text: str) -> int:
@@ -104,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sync-every", type=positive_int, default=100, metavar="N", help="push a delta every N samples (default 100)")
     d.add_argument("--predictions", metavar="FILE", help="also write index,prediction,label,version CSV here")
     d.add_argument("--quiet", action="store_true", help="a running summary instead of a line per sample")
-    d.add_argument("--wait", type=float, default=30.0, metavar="SEC", help="how long to wait for the broker and model (default 30)")
+    d.add_argument("--wait", type=seconds, default=30.0, metavar="SEC", help="how long to wait for the broker and model (default 30)")
     d.add_argument("--lr-head", type=float, default=0.02, metavar="LR",
                    help="step size of the label-driven FF on the class prototypes (default 0.02; 0 = off)")
     d.add_argument("--lr-gate", type=float, default=0.2, metavar="LR",
@@ -120,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, metavar="MODEL_DIR", help="exported model folder")
     s.add_argument("--state", required=True, metavar="DIR", help="folder for the version history (server.db)")
     s.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default 'default')")
-    s.add_argument("--merge-every", type=float, default=1.0, metavar="SEC", help="merge pending deltas this often (default 1)")
+    s.add_argument("--merge-every", type=positive_seconds, default=1.0, metavar="SEC", help="merge pending deltas this often (default 1)")
 
     m = sub.add_parser("demo", help="the whole loop on the gas drift data (needs [demo,train,device,server])",
                        description="Train on gas drift batch 1, export, start the server and N device "
@@ -128,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", default=None, metavar="DIR", help="gas drift folder (default ../shared/data/gas-sensor-drift)")
     m.add_argument("--out", default="edge-spl-demo", metavar="DIR", help="output folder (default ./edge-spl-demo)")
     m.add_argument("--broker", type=broker_address, metavar="HOST:PORT", help="use this broker instead of the embedded one")
-    m.add_argument("--devices", type=positive_int, default=3, help="device processes (default 3)")
+    m.add_argument("--devices", type=demo_devices, default=3, help=f"device processes (default 3, at most {MAX_DEMO_DEVICES})")
     m.add_argument("--label-every", type=positive_int, default=1, metavar="N",
                    help="devices learn from every Nth label (default 1 = every label, after its prediction)")
     m.add_argument("--epochs", type=positive_int, default=60, help="pretraining epochs (default 60)")
@@ -153,12 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--limit", type=positive_int, metavar="N", help="stream only N samples per batch (smoke run)")
     ba.add_argument("--epochs", type=positive_int, default=60, help="pretraining epochs (default 60)")
     ba.add_argument("--only", metavar="NAME,NAME", help="run only these learners (default: all)")
+    bs = bsub.add_parser("speed", help="device speed and footprint against the alternatives and this machine's limits",
+                         description="Learn step (edge-spl's numba kernels vs numpy vs torch, and the fraction "
+                                     "of the 1-core roofline), inference (live P, g vs baked, torch eager), the "
+                                     "whole device step, start-up and peak RSS of `edge-spl device`, delta and "
+                                     "release bytes, the server's merge rate; interleaved, medians over rounds. "
+                                     "docs/bench-speed.md explains every figure.")
+    bs.add_argument("--out", default="bench-speed", metavar="DIR", help="output folder (default ./bench-speed)")
+    bs.add_argument("--rounds", type=positive_int, metavar="N", help="timing rounds (default 7; --quick 2)")
+    bs.add_argument("--quick", action="store_true", help="tiny sizes and few rounds: a smoke run, figures mean nothing")
+    bs.add_argument("--broker", type=broker_address, metavar="HOST:PORT",
+                    help="MQTT broker for the server figures (default 127.0.0.1:1883)")
 
     b = sub.add_parser("broker", help="run the embedded MQTT 3.1.1 broker (needs [demo])",
                        description="A small MQTT broker (amqtt) for trying edge-spl without mosquitto. "
                                    "For deployments use mosquitto (docs/deploy.md).")
     b.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    b.add_argument("--port", type=int, default=0, help="port (default: a free one, printed at start)")
+    b.add_argument("--port", type=port_number, default=0, help="port (default: a free one, printed at start)")
     return p
 
 
@@ -183,6 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"edge-spl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # the file system or the network refused something (a folder where a file should be, a
+        # full disk, a port in use): the user's to fix, so one line like any EdgeSplError
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"edge-spl {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"edge-spl {args.command}: error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as e:
+        # a bug: still one line (the traceback with --verbose), never a wall of text
+        logging.getLogger("edge_spl").debug("internal error", exc_info=True)
+        print(f"edge-spl {args.command}: internal error ({type(e).__name__}: {str(e)[:200]}); "
+              f"`edge-spl --verbose {args.command} ...` shows the traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,20 +10,27 @@ import sys
 import threading
 import time
 import zlib
+from typing import TYPE_CHECKING
 
 from edge_spl.data import iter_samples
 from edge_spl.device.learner import FFLearner
 from edge_spl.device.state import load_model, load_state, save_model, save_state
-from edge_spl.device.sync import DeviceSync
 from edge_spl.errors import DataError, EdgeSplError, ModelError
-from edge_spl.files import atomic_write_bytes
+from edge_spl.files import atomic_write_bytes, lock_folder
 from edge_spl.manifest import ExportedModel
 from edge_spl.protocol import Topics, check_name
+
+if TYPE_CHECKING:   # paho-mqtt is imported only with --broker: an offline start skips it
+    from edge_spl.device.sync import DeviceSync
 
 log = logging.getLogger("edge_spl.device")
 SUMMARY_FILE = "summary.json"
 FIRST_RELEASE_WAIT = 3.0   # a fresh device waits this long for the fleet's retained release
 QUIET_EVERY = 500
+# An outstanding delta not covered by a release this long after it was sent goes out again, even
+# without a reconnect: the server may have lost it after its PUBACK (a crash before the round was
+# stored, a full inbox), and it dedups what it already has.
+RESEND_AFTER = 60.0
 
 
 class Counters:
@@ -49,10 +56,13 @@ def run(args) -> int:
         raise DataError(f"{args.source}: no such file")
     if args.wait < 0:
         raise EdgeSplError(f"--wait {args.wait:g}: expected a number of seconds >= 0")
+    _check_predictions_path(args)
     try:
         os.makedirs(args.state, exist_ok=True)
     except OSError as e:
         raise EdgeSplError(f"--state {args.state}: cannot create the folder ({e.strerror})") from None
+    # one device per state folder: two would overwrite each other's state and outbox
+    lock = lock_folder(args.state, "edge-spl device")
     previous = None
     if threading.current_thread() is threading.main_thread():
         # a service manager stops us with SIGTERM: leave through the same path as Ctrl-C,
@@ -61,6 +71,7 @@ def run(args) -> int:
     sync = None
     try:
         if args.broker:
+            from edge_spl.device.sync import DeviceSync
             host, port = args.broker
             sync = DeviceSync(host, port, args.fleet, args.id)
             sync.start(args.wait)
@@ -70,6 +81,23 @@ def run(args) -> int:
             sync.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        lock.close()
+
+
+def _check_predictions_path(args) -> None:
+    """--predictions is truncated at start: it must not be the source or a file the device keeps."""
+    if not args.predictions:
+        return
+    from edge_spl.device.state import STATE_FILE
+    from edge_spl.manifest import MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE
+
+    kept = [os.path.join(d, n) for d in (args.state, args.model) if d
+            for n in (STATE_FILE, SUMMARY_FILE, MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE)]
+    target = os.path.realpath(args.predictions)
+    for path in ([args.source] if args.source != "-" else []) + kept:
+        if os.path.realpath(path) == target:
+            raise EdgeSplError(f"--predictions {args.predictions} would overwrite {path}; write the "
+                               f"predictions to another file")
 
 
 def _raise_interrupt(signum, frame):
@@ -107,6 +135,7 @@ def _run(args, sync: DeviceSync | None) -> int:
     if pulled_release is not None and learner.adopt_release(pulled_release):
         c.versions_adopted.append(learner.base_version_)
     last_info = None
+    sent_at: dict[int, float] = {}     # seq -> when it was last published
 
     def apply(events):
         for ev in events:
@@ -126,26 +155,37 @@ def _run(args, sync: DeviceSync | None) -> int:
 
     def flush_outbox():
         nonlocal last_info
-        if sync.resend.is_set() and sync.connected.is_set():
-            sync.resend.clear()
-            for dlt in learner.outstanding_:
+        if not sync.connected.is_set():
+            return
+        every = sync.resend.is_set()   # after a (re)connect: all of them
+        sync.resend.clear()
+        now = time.monotonic()
+        for dlt in learner.outstanding_:
+            if every or now - sent_at.get(dlt.seq, now) >= RESEND_AFTER:
                 last_info = sync.publish_delta(dlt) or last_info
+                sent_at[dlt.seq] = now
 
     def do_sync():
         nonlocal last_info
+        dlt = None
         if sync is not None:
             apply(sync.poll())
             flush_outbox()
             # offline, learning stays unpushed and goes out as one delta on reconnect
             if sync.connected.is_set():
                 dlt = learner.make_delta()
-                if dlt is not None:
-                    last_info = sync.publish_delta(dlt) or last_info
-                    c.deltas_pushed += 1
+        # Write-ahead: the delta is in the saved outbox before it can reach the server. Saved
+        # after the publish, a crash in between would restart without it and give its seq to
+        # new learning, which the server would then drop as a duplicate.
+        save_state(learner, args.state)
+        if dlt is not None:
+            last_info = sync.publish_delta(dlt) or last_info
+            sent_at[dlt.seq] = time.monotonic()
+            c.deltas_pushed += 1
+        if sync is not None:
             sync.version, sync.samples, sync.outbox = (learner.base_version_, learner.n_samples_,
                                                        len(learner.outstanding_))
             sync.publish_status()
-        save_state(learner, args.state)
         out.flush()   # a reader on a pipe sees predictions at least once per sync
 
     if sync is not None:
