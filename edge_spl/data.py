@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,12 @@ from typing import Iterator, TextIO
 import numpy as np
 
 from .errors import DataError
+
+# The device computes in float32: a reading beyond its range would be inf there.
+F32_MAX = float(np.finfo(np.float32).max)
+# A streamed line longer than this is skipped unread (a sensor row is a few hundred bytes; a
+# stream that never sends a newline must not fill the memory).
+MAX_LINE_BYTES = 1 << 20
 
 GAS_CLASSES = ["ethanol", "ethylene", "ammonia", "acetaldehyde", "acetone", "toluene"]
 GAS_FEATURES = [f"s{s + 1}f{k + 1}" for s in range(16) for k in range(8)]
@@ -67,20 +74,25 @@ def parse_gas_line(line: str, where: str) -> tuple[np.ndarray, str]:
         try:
             if int(idx) != j + 1:
                 raise ValueError
-            x[j] = float(val)
-        except ValueError:
-            raise DataError(f"{where}: bad feature {tok!r} (expected {j + 1}:VALUE)") from None
+            x[j] = _float(val)
+        except ValueError as e:
+            why = f"{e}, " if str(e) in _WHY else ""
+            raise DataError(f"{where}: bad feature {tok!r} ({why}expected {j + 1}:VALUE)") from None
     return x, GAS_CLASSES[cls - 1]
 
 
 def load_gas_file(path: str) -> Dataset:
     rows, labels = [], []
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                x, y = parse_gas_line(line, f"{path}:{n}")
-                rows.append(x)
-                labels.append(y)
+    n = 0
+    try:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    x, y = parse_gas_line(line, f"{path}:{n}")
+                    rows.append(x)
+                    labels.append(y)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{n + 1}: not UTF-8 text; expected gas drift `CLASS i:v ...` lines") from None
     if not rows:
         raise DataError(f"{path}: no samples")
     return Dataset(np.stack(rows), labels, list(GAS_FEATURES), path, list(GAS_CLASSES))
@@ -109,21 +121,48 @@ def _header(reader, where: str) -> list[str]:
     return header
 
 
+_WHY = ("empty", "not a number", "non-finite", "beyond the float32 range")
+
+
 def _float(v: str) -> float:
+    """A feature value: a finite number that float32 holds. The ValueError says which it is not."""
     v = v.strip()
     if not v:
         raise ValueError("empty")
-    return float(v)
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not math.isfinite(x):
+        raise ValueError("non-finite")
+    if abs(x) > F32_MAX:
+        raise ValueError("beyond the float32 range")
+    return x
+
+
+def _is_number(v: str) -> bool:
+    """Whether a cell reads as a number at all (to pick a CSV's numeric columns)."""
+    try:
+        float(v.strip())
+        return True
+    except ValueError:
+        return False
 
 
 def load_csv(path: str, label: str | None = None, features: list[str] | None = None) -> Dataset:
     """A CSV with a header row. `features` defaults to every column other than `label` whose
     values are all numbers, except a row counter (whole numbers that rise by one each row).
     Rows with an empty label are unlabeled."""
-    with _open_text(path) as f:
-        reader = csv.reader(f)
-        header = _header(reader, path)
-        rows = [r for r in reader if any(c.strip() for c in r)]
+    reader = None
+    try:
+        with _open_text(path) as f:
+            reader = csv.reader(f)
+            header = _header(reader, path)
+            rows = [r for r in reader if any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        line = max(1, reader.line_num if reader is not None else 1)
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"not CSV ({e})"
+        raise DataError(f"{path}:{line}: {why}; expected a CSV file with a header row") from None
     if label is not None and label not in header:
         raise DataError(f"{path}: no label column {label!r}; columns are {header}")
     for n, r in enumerate(rows, 2):
@@ -134,10 +173,9 @@ def load_csv(path: str, label: str | None = None, features: list[str] | None = N
         for j, name in enumerate(header):
             if name == label:
                 continue
-            try:
-                values = np.array([_float(r[j]) for r in rows])
-            except ValueError:
+            if not all(_is_number(r[j]) for r in rows):
                 continue
+            values = np.array([float(r[j]) for r in rows])
             if len(values) > 1 and np.all(np.diff(values) == 1):
                 continue   # a row counter such as the occupancy files' "sno"
             features.append(name)
@@ -152,8 +190,9 @@ def load_csv(path: str, label: str | None = None, features: list[str] | None = N
         for k, j in enumerate(cols):
             try:
                 X[n, k] = _float(r[j])
-            except ValueError:
-                raise DataError(f"{path}:{n + 2}: column {header[j]!r} is {r[j]!r}, not a number") from None
+            except ValueError as e:
+                raise DataError(f"{path}:{n + 2}: column {header[j]!r} is {r[j][:40]!r}: {e}; expected "
+                                f"a finite number") from None
     if not rows:
         raise DataError(f"{path}: no data rows")
     y = [None] * len(rows)
@@ -200,21 +239,27 @@ def iter_samples(source: str, feature_names: list[str], label: str | None = None
                  on_bad=None) -> Iterator[Sample]:
     """Stream samples from a path or '-' (stdin). A gas `.dat` stream carries its labels; a CSV
     must have a header naming the model's feature columns. A row that cannot be parsed or
-    holds a non-finite value is passed to `on_bad(where, reason)` and skipped."""
+    holds a non-finite value is passed to `on_bad(where, reason)` and skipped.
+
+    A stream is read line by line as bytes: one CSV row per line (no quoted newlines), bytes that
+    are not UTF-8 become U+FFFD (so such a row fails as "not a number" instead of ending the
+    stream), and a line over MAX_LINE_BYTES is skipped without being held in memory."""
     on_bad = on_bad or (lambda where, why: print(f"skipping {where}: {why}", file=sys.stderr))
     name = "<stdin>" if source == "-" else source
-    f = sys.stdin if source == "-" else _open_text(source)
+    f = getattr(sys.stdin, "buffer", sys.stdin) if source == "-" else _open_binary(source)
     try:
-        first = f.readline()
+        lines = _lines(f, name, on_bad)
+        n, first = next(lines, (0, ""))
         if not first:
             return
+        first = first.lstrip("\ufeff")   # a byte-order mark, as spreadsheet programs write
         is_gas = source.endswith(".dat") or (first[:1].isdigit() and ":" in first.split()[1:2][0]
                                                 if len(first.split()) > 1 else False)
         index = 0
         if is_gas:
             if feature_names != GAS_FEATURES:
                 raise DataError(f"{name}: gas drift lines do not fit this model's {len(feature_names)} features")
-            for n, line in enumerate(_chain(first, f), 1):
+            for n, line in _chain((n, first), lines):
                 if not line.strip():
                     continue
                 try:
@@ -222,13 +267,10 @@ def iter_samples(source: str, feature_names: list[str], label: str | None = None
                 except DataError as e:
                     on_bad(f"{name}:{n}", str(e).split(": ", 1)[-1])
                     continue
-                if not np.all(np.isfinite(x)):
-                    on_bad(f"{name}:{n}", "non-finite value")
-                    continue
                 yield Sample(index, x, y)
                 index += 1
             return
-        header = _header(csv.reader(io.StringIO(first)), name)
+        header = _header(csv.reader([first]), name)
         missing = [c for c in feature_names if c not in header]
         if missing:
             raise DataError(f"{name}: CSV header lacks the model's feature columns {missing[:5]}"
@@ -237,7 +279,14 @@ def iter_samples(source: str, feature_names: list[str], label: str | None = None
             raise DataError(f"{name}: no label column {label!r}; columns are {header[:8]}")
         cols = [header.index(c) for c in feature_names]
         li = header.index(label) if label is not None else None
-        for n, row in enumerate(csv.reader(f), 2):
+        for n, line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = next(csv.reader([line]), [])
+            except csv.Error as e:
+                on_bad(f"{name}:{n}", f"not a CSV row ({e})")
+                continue
             if not any(c.strip() for c in row):
                 continue
             if len(row) != len(header):
@@ -245,28 +294,55 @@ def iter_samples(source: str, feature_names: list[str], label: str | None = None
                 continue
             try:
                 x = np.array([_float(row[j]) for j in cols], np.float32)
-            except ValueError:
-                on_bad(f"{name}:{n}", "a feature is not a number")
-                continue
-            if not np.all(np.isfinite(x)):
-                on_bad(f"{name}:{n}", "non-finite value")
+            except ValueError as e:
+                why = "a feature is not a number" if str(e) in ("empty", "not a number") else f"a feature is {e}"
+                on_bad(f"{name}:{n}", why)
                 continue
             y = row[li].strip() or None if li is not None else None
             yield Sample(index, x, y)
             index += 1
     finally:
-        if f is not sys.stdin:
+        if source != "-":
             f.close()
 
 
-def _chain(first: str, rest: TextIO):
+def _lines(f, name: str, on_bad) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a binary (or text) stream, skipping over-long lines."""
+    n = 0
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        n += 1
+        nl = b"\n" if isinstance(line, bytes) else "\n"
+        if len(line) > MAX_LINE_BYTES and not line.endswith(nl):
+            while line and not line.endswith(nl):
+                line = f.readline(MAX_LINE_BYTES)
+            on_bad(f"{name}:{n}", f"line longer than {MAX_LINE_BYTES} bytes")
+            continue
+        yield n, line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
+
+
+def _chain(first, rest):
     yield first
     yield from rest
 
 
+def _open_binary(path: str):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+
+
 def _open_text(path: str) -> TextIO:
     try:
-        return open(path, encoding="utf-8", newline="")
+        # utf-8-sig: a leading byte-order mark (spreadsheet exports) is not part of the header
+        return open(path, encoding="utf-8-sig", newline="")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:

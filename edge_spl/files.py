@@ -9,6 +9,8 @@ import zipfile
 
 import numpy as np
 
+from .errors import EdgeSplError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, never a
@@ -37,6 +39,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
+LOCK_FILE = ".lock"
+
+
+def lock_folder(folder: str | os.PathLike, who: str):
+    """Hold an exclusive lock on FOLDER/.lock until the returned file is closed (or the process
+    ends, however it ends: the OS drops the lock). Two processes on one state folder would
+    overwrite each other's state; the second one gets a one-line error instead."""
+    import fcntl
+
+    path = os.path.join(os.fspath(folder), LOCK_FILE)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise EdgeSplError(f"{path}: cannot create the lock file ({e.strerror})") from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise EdgeSplError(f"{os.fspath(folder)} is in use by another {who} (it holds {path}); "
+                           f"stop that one first, or use another folder") from None
+    return f
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -50,14 +75,59 @@ def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
+def unpack_arrays(data: bytes, max_bytes: int | None = None, max_arrays: int | None = None
+                  ) -> dict[str, np.ndarray]:
     """.npz bytes to arrays; never unpickles. Raises ValueError on anything that is not a
-    plain-array npz."""
+    plain-array npz.
+
+    The container may come from the network, so nothing is allocated on its word: every array's
+    size is checked against what the zip member really holds before it is read, and the arrays
+    together may not unpack to more than `max_bytes` (default: 1 GiB); a compressed member that
+    would inflate past that (a zip bomb) is refused before it is inflated."""
+    limit = (1 << 30) if max_bytes is None else int(max_bytes)
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise ValueError(f"not a valid array container: {e}") from None
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+            if max_arrays is not None and len(infos) > max_arrays:
+                raise ValueError(f"{len(infos)} arrays, at most {max_arrays} expected")
+            if sum(i.file_size for i in infos) > limit:
+                raise ValueError(f"arrays would unpack to more than {limit} bytes")
+            out = {}
+            for info in infos:
+                if not info.filename.endswith(".npy"):
+                    raise ValueError(f"member {info.filename!r} is not an .npy array")
+                with zf.open(info) as f:
+                    out[info.filename[:-4]] = _read_npy(f, info.file_size, info.filename)
+            return out
+    except (OSError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, KeyError,
+            UnicodeDecodeError, SyntaxError, TypeError, OverflowError, RuntimeError,
+            NotImplementedError, MemoryError) as e:
+        # RuntimeError: zipfile's "encrypted member"; NotImplementedError: unknown compression
+        raise ValueError(f"not a valid array container: {type(e).__name__}: {e}") from None
+
+
+def _read_npy(f, size: int, name: str) -> np.ndarray:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"{name}: .npy version {version} not supported")
+    if dtype.hasobject or dtype.itemsize == 0:
+        raise ValueError(f"{name}: dtype {dtype} is not a plain numeric array")
+    count = 1
+    for n in shape:
+        count *= int(n)
+    nbytes = count * dtype.itemsize
+    header = f.tell()
+    if nbytes != size - header:
+        raise ValueError(f"{name}: header says {nbytes} bytes of data, the member holds {size - header}")
+    raw = f.read(nbytes)
+    if len(raw) != nbytes:
+        raise ValueError(f"{name}: truncated")
+    a = np.frombuffer(bytearray(raw), dtype=dtype)
+    return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
 
 
 def sha256_hex(data: bytes) -> str:

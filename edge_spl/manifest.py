@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import ModelError
-from .files import atomic_write_bytes, pack_arrays, sha256_file, unpack_arrays
+from .files import atomic_write_bytes, pack_arrays, sha256_file, sha256_hex, unpack_arrays
 from .spl import Z_CLIP
 
 FORMAT = 1
@@ -59,18 +59,41 @@ class Manifest:
         return [((o, i), (o,)) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
 
     def validate(self) -> "Manifest":
+        """Every field checked for type and range: a manifest may come from the network, and
+        whatever passes here is fed to onnxruntime and the kernels as float32."""
         if self.format != FORMAT:
-            raise ModelError(f"manifest format {self.format}, this edge-spl reads {FORMAT}")
-        if len(self.sizes) < 2 or any(not isinstance(s, int) or s < 1 for s in self.sizes):
-            raise ModelError(f"manifest sizes {self.sizes} are not layer widths")
+            raise ModelError(f"manifest format {self.format!r}, this edge-spl reads {FORMAT}")
+        if (not isinstance(self.sizes, list) or len(self.sizes) < 2 or len(self.sizes) > 65
+                or any(not _is_int(s) or s < 1 for s in self.sizes)):
+            raise ModelError(f"manifest sizes {self.sizes!r} are not layer widths")
+        for name in ("feature_names", "class_names", "mean", "std"):
+            if not isinstance(getattr(self, name), list):
+                raise ModelError(f"manifest: {name} is not a list")
         d, c = self.sizes[0], self.sizes[-1]
         if len(self.feature_names) != d or len(self.mean) != d or len(self.std) != d:
             raise ModelError(f"manifest: {d} inputs but {len(self.feature_names)} feature names, "
                              f"{len(self.mean)} means, {len(self.std)} stds")
         if len(self.class_names) != c:
             raise ModelError(f"manifest: {c} outputs but {len(self.class_names)} class names")
-        if not all(np.isfinite(self.mean)) or not all(s > 0 for s in self.std):
-            raise ModelError("manifest: standardisation must be finite with positive stds")
+        for name in ("feature_names", "class_names"):
+            names = getattr(self, name)
+            if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+                raise ModelError(f"manifest: {name} must be distinct strings")
+        if not all(_is_number(v) for v in self.mean + self.std):
+            raise ModelError("manifest: mean and std must be numbers")
+        # as float32, which is what the device computes with: 1e39 is inf there, 1e-50 is 0
+        mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
+        if not (np.all(np.abs(mean) <= _F32_MAX) and np.all(std <= _F32_MAX)
+                and np.all(std.astype(np.float32) > 0)):
+            raise ModelError("manifest: standardisation must be finite float32 values with positive stds")
+        if not _is_number(self.z_clip) or not 0 < self.z_clip <= _F32_MAX:
+            raise ModelError(f"manifest: z_clip {self.z_clip!r} must be a positive number")
+        if not _is_int(self.opset) or self.dtype != "float32":
+            raise ModelError(f"manifest: opset {self.opset!r} and dtype {self.dtype!r}; expected an "
+                             f"opset number and float32")
+        if not isinstance(self.model_id, str) or not all(
+                isinstance(h, str) for h in (self.onnx_sha256, self.prototypes_sha256)):
+            raise ModelError("manifest: model_id and sha256 fields must be strings")
         return self
 
     def to_json(self) -> bytes:
@@ -83,8 +106,8 @@ class Manifest:
             if not isinstance(obj, dict):
                 raise TypeError("not an object")
             return cls(**obj).validate()
-        except (ValueError, TypeError) as e:
-            raise ModelError(f"invalid manifest ({e})") from None
+        except (ValueError, TypeError, RecursionError) as e:
+            raise ModelError(f"invalid manifest ({type(e).__name__}: {str(e)[:120]})") from None
 
     def check_prototypes(self, protos) -> None:
         if len(protos) != self.n_layers:
@@ -92,6 +115,10 @@ class Manifest:
         for i, ((P, g), (ps, gs)) in enumerate(zip(protos, self.proto_shapes())):
             if P.shape != ps or g.shape != gs:
                 raise ModelError(f"layer {i}: P{P.shape} g{g.shape}, model wants P{ps} g{gs}")
+            if not (np.all(np.isfinite(P)) and np.all(np.isfinite(g))):
+                raise ModelError(f"layer {i}: prototypes or gates hold NaN or infinite values")
+            if not proto_values_ok(P, g):
+                raise ModelError(f"layer {i}: prototype or gate values beyond +-{MAX_PROTO_ABS:g}")
 
 
 def protos_to_arrays(protos) -> dict[str, np.ndarray]:
@@ -107,6 +134,27 @@ def protos_from_arrays(arrays: dict, n_layers: int) -> list[tuple[np.ndarray, np
                  np.ascontiguousarray(arrays[f"g{i}"], np.float32)) for i in range(n_layers)]
     except KeyError as e:
         raise ModelError(f"prototype array {e} missing") from None
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"prototype arrays are not numbers ({e})") from None
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+# Prototype and gate values past this are no model but an overflow waiting to happen: the
+# routing sums d_in products with inputs up to z_clip, and float32 ends at 3e38.
+MAX_PROTO_ABS = 1e15
+
+
+def proto_values_ok(P: np.ndarray, g: np.ndarray) -> bool:
+    """Finite and within +-MAX_PROTO_ABS (NaN fails too)."""
+    return bool(np.all(np.abs(P) <= MAX_PROTO_ABS) and np.all(np.abs(g) <= MAX_PROTO_ABS))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
 @dataclass
@@ -122,21 +170,24 @@ class ExportedModel:
         for p in paths.values():
             if not os.path.isfile(p):
                 raise ModelError(f"{p} not found: run `edge-spl export {model_dir}` first")
-        with open(paths[MANIFEST_FILE], "rb") as f:
-            manifest = Manifest.from_json(f.read())
-        if sha256_file(paths[ONNX_FILE]) != manifest.onnx_sha256:
+        try:
+            data = {n: _read(p) for n, p in paths.items()}
+        except OSError as e:
+            raise ModelError(f"{e.filename}: cannot read ({e.strerror})") from None
+        try:
+            manifest = Manifest.from_json(data[MANIFEST_FILE])
+        except ModelError as e:
+            raise ModelError(f"{paths[MANIFEST_FILE]}: {e}") from None
+        if sha256_hex(data[ONNX_FILE]) != manifest.onnx_sha256:
             raise ModelError(f"{paths[ONNX_FILE]} does not match the manifest's sha256")
-        if sha256_file(paths[PROTOTYPES_FILE]) != manifest.prototypes_sha256:
+        if sha256_hex(data[PROTOTYPES_FILE]) != manifest.prototypes_sha256:
             raise ModelError(f"{paths[PROTOTYPES_FILE]} does not match the manifest's sha256")
-        with open(paths[ONNX_FILE], "rb") as f:
-            onnx_bytes = f.read()
-        with open(paths[PROTOTYPES_FILE], "rb") as f:
-            try:
-                protos = protos_from_arrays(unpack_arrays(f.read()), manifest.n_layers)
-            except ValueError as e:
-                raise ModelError(f"{paths[PROTOTYPES_FILE]}: {e}") from None
-        manifest.check_prototypes(protos)
-        return cls(manifest, onnx_bytes, protos)
+        try:
+            protos = protos_from_arrays(unpack_arrays(data[PROTOTYPES_FILE]), manifest.n_layers)
+            manifest.check_prototypes(protos)
+        except (ValueError, ModelError) as e:
+            raise ModelError(f"{paths[PROTOTYPES_FILE]}: {e}") from None
+        return cls(manifest, data[ONNX_FILE], protos)
 
     def save(self, model_dir: str) -> None:
         """Writes the ONNX file and prototypes first, the manifest (which names their sha256) last."""
@@ -145,3 +196,8 @@ class ExportedModel:
         self.manifest.onnx_sha256 = sha256_file(os.path.join(model_dir, ONNX_FILE))
         self.manifest.prototypes_sha256 = sha256_file(os.path.join(model_dir, PROTOTYPES_FILE))
         atomic_write_bytes(os.path.join(model_dir, MANIFEST_FILE), self.manifest.to_json())
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

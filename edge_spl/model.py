@@ -51,6 +51,8 @@ class ModelState:
         d = self.mean.shape[0]
         if self.std.shape != (d,) or not np.all(self.std > 0):
             raise ModelError(f"standardisation must be {d} positive stds, got shape {self.std.shape}")
+        if not (np.all(np.isfinite(self.mean)) and np.all(np.isfinite(self.std))):
+            raise ModelError("standardisation holds NaN or infinite values")
         if len(self.feature_names) != d:
             raise ModelError(f"{len(self.feature_names)} feature names for {d} inputs")
         for i, L in enumerate(self.layers):
@@ -120,13 +122,20 @@ class ModelState:
         try:
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
+            if not isinstance(meta, dict):
+                raise ModelError(f"{meta_path}: not a JSON object")
             if meta.get("format") != FORMAT:
                 raise ModelError(f"{meta_path}: format {meta.get('format')!r}, this edge-spl reads {FORMAT}")
             if sha256_file(state_path) != meta["sha256"]:
                 raise ModelError(f"{state_path} does not match the sha256 in {META_FILE} (corrupt or replaced)")
             with open(state_path, "rb") as f:
                 arrays = unpack_arrays(f.read())
-            n_layers = len(meta["sizes"]) - 1
+            sizes, names = meta["sizes"], (meta["class_names"], meta["feature_names"])
+            if not isinstance(sizes, list) or not 2 <= len(sizes) <= 65 or not all(
+                    isinstance(n, list) and all(isinstance(v, str) for v in n) for n in names):
+                raise ModelError(f"{meta_path}: sizes, class_names and feature_names must be lists "
+                                 f"(of layer widths and of names)")
+            n_layers = len(sizes) - 1
             layers = []
             for i in range(n_layers):
                 keys = ("P", "g") if i == n_layers - 1 else ("W", "b", "P", "g")
@@ -136,8 +145,10 @@ class ModelState:
                        int(meta.get("version", 0)), dict(meta.get("info", {})))
         except ModelError:
             raise
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ModelError(f"{model_dir}: unreadable model ({type(e).__name__}: {e})") from None
+        except OSError as e:
+            raise ModelError(f"{e.filename or model_dir}: cannot read ({e.strerror})") from None
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+            raise ModelError(f"{model_dir}: unreadable model ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def init_model(sizes: list[int], mean, std, class_names, feature_names, seed: int = 0,

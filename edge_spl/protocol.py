@@ -18,6 +18,7 @@ Topics, under `edge-spl/<fleet>/`:
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ KIND_RELEASE = 2
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HEAD = struct.Struct(">4sBBI")
+# Sequence and version numbers: whole numbers JSON, SQLite and float64 all hold exactly.
+MAX_COUNTER = 2**53
+MAX_LAYERS = 64
 
 
 def check_name(kind: str, name: str) -> str:
@@ -121,26 +125,41 @@ def _decode(kind: int, payload: bytes, max_bytes: int) -> tuple[dict, dict]:
         raise ProtocolError(f"payload kind {k}, expected {kind}")
     if _HEAD.size + hlen > len(payload):
         raise ProtocolError("header length runs past the payload")
-    try:
-        header = json.loads(payload[_HEAD.size:_HEAD.size + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("header is not a JSON object")
+    header = _json_object(payload[_HEAD.size:_HEAD.size + hlen], "header")
     body = payload[_HEAD.size + hlen:]
     if header.get("body_sha256") != sha256_hex(body):
         raise ProtocolError("body checksum mismatch")
     try:
-        arrays = unpack_arrays(body)
+        # the arrays may not unpack to more than the payload limit (no zip bombs)
+        arrays = unpack_arrays(body, max_bytes=max_bytes, max_arrays=4 * MAX_LAYERS)
     except ValueError as e:
         raise ProtocolError(str(e)) from None
     return header, arrays
+
+
+def _json_object(data: bytes, what: str) -> dict:
+    """JSON from the network: any failure, including a nesting bomb (RecursionError) or an
+    integer of thousands of digits (ValueError), is a ProtocolError."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ProtocolError(f"{what} is not JSON ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} is not a JSON object")
+    return obj
 
 
 def _field(header: dict, name: str, typ):
     v = header.get(name)
     if typ is int and isinstance(v, bool) or not isinstance(v, typ):
         raise ProtocolError(f"header field {name!r} missing or not {typ.__name__}")
+    return v
+
+
+def _counter(header: dict, name: str, lo: int = 0, hi: int = MAX_COUNTER) -> int:
+    v = _field(header, name, int)
+    if not lo <= v <= hi:
+        raise ProtocolError(f"header field {name!r} = {v} outside {lo}..{hi}")
     return v
 
 
@@ -194,11 +213,9 @@ def decode_delta(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Protot
     server checks the shapes against its model."""
     header, arrays = _decode(KIND_DELTA, payload, max_bytes)
     device = check_name("device id", _field(header, "device", str))
-    seq = _field(header, "seq", int)
-    base = _field(header, "base_version", int)
-    n = _field(header, "n_layers", int)
-    if seq < 0 or base < 0 or not 0 < n <= 64:
-        raise ProtocolError(f"seq {seq}, base_version {base}, n_layers {n} out of range")
+    seq = _counter(header, "seq")
+    base = _counter(header, "base_version")
+    n = _counter(header, "n_layers", 1, MAX_LAYERS)
     layers = []
     for i in range(n):
         rows = _array(arrays, f"rows{i}", np.int32, 1)
@@ -242,15 +259,16 @@ def encode_release(r: Release, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> bytes:
 
 def decode_release(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Release:
     header, arrays = _decode(KIND_RELEASE, payload, max_bytes)
-    version = _field(header, "version", int)
+    version = _counter(header, "version")
     sha = _field(header, "model_sha256", str)
-    n = _field(header, "n_layers", int)
+    n = _counter(header, "n_layers", 1, MAX_LAYERS)
     merged = _field(header, "merged", dict)
-    if version < 0 or not 0 < n <= 64:
-        raise ProtocolError(f"version {version}, n_layers {n} out of range")
-    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-               for k, v in merged.items()):
+    if not all(isinstance(k, str) and _NAME_RE.match(k) and isinstance(v, int)
+               and not isinstance(v, bool) and 0 <= v <= MAX_COUNTER for k, v in merged.items()):
         raise ProtocolError("merged must map device ids to sequence numbers")
+    created = header.get("created", 0.0)
+    if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
+        raise ProtocolError("header field 'created' is not a finite number")
     protos = []
     for i in range(n):
         P = _array(arrays, f"P{i}", np.float32, 2)
@@ -260,7 +278,7 @@ def decode_release(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Rele
         if not (np.all(np.isfinite(P)) and np.all(np.isfinite(g))):
             raise ProtocolError(f"layer {i}: non-finite values")
         protos.append((P, g))
-    return Release(version, sha, protos, dict(merged), float(header.get("created", 0.0)))
+    return Release(version, sha, protos, dict(merged), float(created))
 
 
 # -- small JSON messages ----------------------------------------------------------------------
@@ -272,13 +290,7 @@ def encode_json(obj: dict) -> bytes:
 def decode_json(payload: bytes, max_bytes: int = 1 << 20) -> dict:
     if len(payload) > max_bytes:
         raise ProtocolError(f"JSON payload of {len(payload)} bytes is over {max_bytes}")
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"not JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("not a JSON object")
-    return obj
+    return _json_object(payload, "payload")
 
 
 def status_payload(device: str, online: bool, version: int = -1, samples: int = 0,
@@ -290,3 +302,16 @@ def status_payload(device: str, online: bool, version: int = -1, samples: int = 
 def ack_payload(device: str, seq: int, accepted: bool, reason: str, version: int) -> bytes:
     return encode_json({"device": device, "seq": seq, "accepted": accepted, "reason": reason,
                         "version": version})
+
+
+def decode_ack(payload: bytes) -> dict:
+    """An ack as the server writes it; anything else is a ProtocolError, so a forged ack cannot
+    put odd types into the device's bookkeeping. seq is -1 for a delta that did not decode."""
+    obj = decode_json(payload, max_bytes=4096)
+    check_name("device id", _field(obj, "device", str))
+    if not isinstance(obj.get("accepted"), bool):
+        raise ProtocolError("ack field 'accepted' missing or not a boolean")
+    _counter(obj, "seq", -1)
+    _counter(obj, "version")
+    _field(obj, "reason", str)
+    return {k: obj[k] for k in ("device", "seq", "accepted", "reason", "version")}

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from edge_spl.data import GAS_FEATURES, OCCUPANCY_FEATURES, Dataset
 from edge_spl.errors import DataError, ModelError
 from edge_spl.model import ModelState, init_model
+from edge_spl.protocol import DEFAULT_MAX_PAYLOAD
 from edge_spl.spl import forward, standardize
 
 from .spl_torch import SPLModel, mask_oracle
@@ -46,6 +47,17 @@ def check_hidden(hidden) -> list[int]:
     if not widths or any(w < 1 for w in widths):
         raise ModelError(f"hidden layer widths {hidden!r}: expected one or more positive whole numbers")
     return widths
+
+
+def check_fits_the_wire(sizes: list[int]) -> None:
+    """Refuse, before allocating anything, a model whose prototypes (one release) or ONNX file
+    would not fit in one MQTT payload: the server could never publish it."""
+    weights = [o * i + o for i, o in zip(sizes[:-1], sizes[1:])]   # P, g (and W, b) per layer
+    biggest = 4 * max(sum(weights), sum(weights[:-1]))
+    if biggest > DEFAULT_MAX_PAYLOAD * 0.9:
+        raise ModelError(f"a {'-'.join(map(str, sizes))} model has {biggest / 1e6:.0f} MB of prototypes or "
+                         f"weights, over the {DEFAULT_MAX_PAYLOAD / 1e6:.0f} MB MQTT payload it must fit "
+                         f"in; use smaller --hidden layers (or fewer features)")
 
 
 def split_stratified(y: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,6 +164,7 @@ def pretrain(dataset: Dataset, hidden=(256, 256), epochs: int = 60, holdout: flo
     z_tr, z_te = standardize(X[tr], mean, std), standardize(X[te], mean, std)
     y_tr, y_te = y[tr], y[te]
     sizes = [X.shape[1]] + widths + [len(classes)]
+    check_fits_the_wire(sizes)
     state0 = init_model(sizes, mean, std, classes, dataset.feature_names, seed=seed,
                         model_id=model_id or model_id_for(dataset))
 

@@ -66,6 +66,10 @@ def validate_delta(delta: PrototypeDelta, shapes: list[tuple[int, int]], current
         if (np.linalg.norm(dP.astype(np.float64), axis=1) > max_row_norm).any() \
                 or (np.abs(dg) > max_row_norm).any():
             return "norm too large"
+    if not any(len(L.rows) for L in delta.layers):
+        # a device sends a delta only when it learned something; an empty one would still cost a
+        # stored version, and a flood of them a version per round
+        return "empty"
     return None
 
 

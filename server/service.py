@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_spl.errors import EdgeSplError, ModelError, ProtocolError
-from edge_spl.files import atomic_write_bytes
+from edge_spl.files import atomic_write_bytes, lock_folder
 from edge_spl.manifest import ExportedModel
 from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, Release, Topics, ack_payload, decode_delta,
                                encode_release)
@@ -30,6 +30,11 @@ log = logging.getLogger("edge_spl.server")
 
 STATS_FILE = "stats.json"
 PUBLISH_WAIT = 5.0      # seconds to wait for the last publishes before disconnecting
+# Bytes of deltas waiting for the next round (counting MESSAGE_OVERHEAD per message); past this a
+# flood is dropped on arrival (counted as "overloaded", never acked, so a real device re-sends).
+INBOX_BYTES = 256 * 1024 * 1024
+MESSAGE_OVERHEAD = 256
+LOGGED_REJECTIONS = 20    # per round; the rest are only counted
 
 
 @dataclass
@@ -51,7 +56,7 @@ class Server:
     def __init__(self, broker: tuple[str, int], model_dir: str, state_dir: str, fleet: str = "default",
                  merge_every: float = 1.0, max_row_norm: float = merge.DEFAULT_MAX_ROW_NORM,
                  connect_timeout: float = 30.0, max_payload: int = DEFAULT_MAX_PAYLOAD):
-        if not merge_every > 0:
+        if not 0 < merge_every < 1e9:
             raise EdgeSplError(f"merge interval must be a positive number of seconds, got {merge_every}")
         self.broker = broker
         self.topics = Topics(fleet)
@@ -60,17 +65,30 @@ class Server:
         self.connect_timeout = float(connect_timeout)
         self.max_payload = int(max_payload)
         self.state_dir = state_dir
+        try:
+            os.makedirs(state_dir, exist_ok=True)
+        except OSError as e:
+            raise EdgeSplError(f"--state {state_dir}: cannot create the folder ({e.strerror})") from None
         self.model = ExportedModel.load(model_dir)
         if len(self.model.onnx_bytes) > self.max_payload:
             raise ModelError(f"{model_dir}: the ONNX file is {len(self.model.onnx_bytes)} bytes, over "
                              f"the {self.max_payload}-byte payload limit")
         self.shapes = [ps for ps, _ in self.model.manifest.proto_shapes()]
-        self.store = SQLiteStore(os.path.join(state_dir, DB_FILE), self.model.manifest, self.model.protos)
-        self.current: StoredVersion = self.store.latest()
+        # one server per state folder: a second one would fork the version history
+        self._lock = lock_folder(state_dir, "edge-spl server")
+        try:
+            self.store = SQLiteStore(os.path.join(state_dir, DB_FILE), self.model.manifest, self.model.protos)
+            self.current: StoredVersion = self.store.latest()
+        except BaseException:
+            self._lock.close()
+            raise
         self.stats = Stats(version=self.current.version)
         self._release_payload = self._encode_release(self.current)
 
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, bytes | None, int]] = queue.Queue()
+        self._inbox_bytes = 0          # guarded by _inbox_lock
+        self._inbox_lock = threading.Lock()
+        self.inbox_limit = INBOX_BYTES
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._connect_refused: str | None = None
@@ -79,6 +97,7 @@ class Server:
         self._publish_lock = threading.RLock()
         self._pending = []          # MQTTMessageInfo of recent publishes, waited for at stop
         self._thread: threading.Thread | None = None
+        self._dropped = 0               # messages not even queued (guarded by _inbox_lock)
 
         # A persistent session: deltas sent while the server restarts wait at the broker.
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-spl-server-{fleet}",
@@ -114,7 +133,19 @@ class Server:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg):
-        self._inbox.put((msg.topic, bytes(msg.payload)))
+        n = len(msg.payload)
+        # An oversized payload is not kept (it is counted and rejected in the round); past the
+        # inbox budget a message is only counted: the network thread never holds a flood.
+        payload = bytes(msg.payload) if n <= self.max_payload else None
+        with self._inbox_lock:
+            cost = (n if payload is not None else 0) + MESSAGE_OVERHEAD
+            if self._inbox_bytes + cost > self.inbox_limit:
+                payload, cost = b"", MESSAGE_OVERHEAD   # an empty marker: "overloaded"
+                if self._inbox_bytes + cost > self.inbox_limit:
+                    self._dropped += 1
+                    return
+            self._inbox_bytes += cost
+        self._inbox.put((msg.topic, payload, n))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -128,17 +159,23 @@ class Server:
             try:
                 self._client.connect(host, port, keepalive=30)
                 break
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 if time.monotonic() + delay > deadline:
                     raise EdgeSplError(f"cannot reach MQTT broker {host}:{port}: {e}") from None
                 log.info("broker %s:%d not reachable (%s); retrying in %.1fs", host, port, e, delay)
-                time.sleep(delay)
+                # a stop request (SIGTERM, Ctrl-C) ends the retries at once, not after the timeout
+                if self._stop.wait(delay):
+                    raise KeyboardInterrupt
                 delay = min(delay * 2, 5.0)
         self._client.loop_start()
-        if not self._connected.wait(max(deadline - time.monotonic(), 1.0)):
-            self._client.loop_stop()
-            why = self._connect_refused or "no answer to CONNECT"
-            raise EdgeSplError(f"cannot reach MQTT broker {host}:{port}: {why}")
+        answer_by = max(deadline, time.monotonic() + 1.0)
+        while not self._connected.wait(0.1):
+            if self._stop.is_set() or time.monotonic() > answer_by:
+                self._client.loop_stop()
+                if self._stop.is_set():
+                    raise KeyboardInterrupt
+                why = self._connect_refused or "no answer to CONNECT"
+                raise EdgeSplError(f"cannot reach MQTT broker {host}:{port}: {why}")
         log.info("serving model %s (%s) version %d on %s:%d fleet %s", self.model.manifest.model_id,
                  self.model.manifest.onnx_sha256[:12], self.version, host, port, self.topics.fleet)
         self._write_stats()
@@ -152,10 +189,18 @@ class Server:
     def serve(self) -> None:
         try:
             while not self._stop.wait(self.merge_every):
-                self.merge_round()
-            self.merge_round()
+                self._round_or_log()
+            self._round_or_log()
         finally:
             self._shutdown()
+
+    def _round_or_log(self) -> None:
+        # A round that fails (a full disk under stats.json, a store error) must not end the
+        # server: what it did not store was not acked, and the devices send it again.
+        try:
+            self.merge_round()
+        except Exception:
+            log.exception("merge round failed; the server goes on")
 
     def start(self) -> "Server":
         """Connect here (errors raise here), then run the loop in a background thread."""
@@ -169,6 +214,7 @@ class Server:
             self.connect()
         except BaseException:
             self.store.close()
+            self._lock.close()
             raise
 
     def request_stop(self) -> None:
@@ -195,6 +241,7 @@ class Server:
         self._client.loop_stop()
         self._write_stats()
         self.store.close()
+        self._lock.close()
         log.info("stopped at version %d", self.version)
 
     # -- the owner loop ------------------------------------------------------------------------
@@ -207,36 +254,45 @@ class Server:
                 items.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
+        with self._inbox_lock:
+            self._inbox_bytes = max(0, self._inbox_bytes - sum(
+                (len(p) if p else 0) + MESSAGE_OVERHEAD for _, p, _ in items))
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            self.stats.messages_received += dropped
+            self.stats.deltas_rejected["overloaded"] = self.stats.deltas_rejected.get("overloaded", 0) + dropped
+            log.warning("inbox full: dropped %d messages unread", dropped)
         if not items:
+            if dropped:
+                self._write_stats()
             return 0
         base = self.current
         sums = merge.MergeSums(self.shapes)
         accepted = []                    # PrototypeDelta
         in_round = set()
         rejections = []                  # (topic device or None, seq, reason)
-        for topic, payload in items:
+        for topic, payload, size in items:
             self.stats.messages_received += 1
-            self.stats.bytes_received += len(payload)
+            self.stats.bytes_received += size
             device = self.topics.device_of(topic, "delta")
+            if payload is None:
+                rejections.append((device, -1, "malformed", f"payload of {size} bytes is over the "
+                                                           f"{self.max_payload}-byte limit"))
+                continue
+            if size and not payload:
+                rejections.append((device, -1, "overloaded", "inbox full"))
+                continue
             try:
-                d = decode_delta(payload, self.max_payload)
-            except ProtocolError as e:
-                rejections.append((device, -1, "malformed", str(e)))
+                rejection = self._check(device, payload, base.version, in_round)
+            except Exception as e:   # a validation bug must not end the server: reject and go on
+                log.exception("checking a delta from %s failed", device or "?")
+                rejection = (device, -1, "malformed", f"{type(e).__name__}: {e}")
+            if isinstance(rejection, tuple):
+                rejections.append(rejection)
                 continue
-            if d.device != device:
-                rejections.append((device, d.seq, "device mismatch",
-                                   f"delta of {d.device!r} on the topic of {device!r}"))
-                continue
-            key = (d.device, d.seq)
-            if key in in_round or self.store.is_merged(*key):
-                rejections.append((device, d.seq, "duplicate", ""))
-                continue
-            reason = merge.validate_delta(d, self.shapes, base.version, self.max_row_norm)
-            if reason is not None:
-                rejections.append((device, d.seq, reason, f"base version {d.base_version}"))
-                continue
+            d = rejection
             sums.add_delta(d, base.version)
-            in_round.add(key)
+            in_round.add((d.device, d.seq))
             accepted.append(d)
 
         version = base.version
@@ -263,14 +319,34 @@ class Server:
                          len(accepted), sums.touched_rows(), len(devices), ", ".join(devices))
         for d in accepted:
             self._publish(self.topics.ack(d.device), ack_payload(d.device, d.seq, True, "merged", version))
-        for device, seq, reason, detail in rejections:
+        for k, (device, seq, reason, detail) in enumerate(rejections):
             self.stats.reject(reason)
-            log.warning("rejected delta from %s seq %s: %s%s", device or "?", seq, reason,
-                        f" ({detail})" if detail else "")
+            if k < LOGGED_REJECTIONS:
+                log.warning("rejected delta from %s seq %s: %s%s", device or "?", seq, reason,
+                            f" ({detail[:200]})" if detail else "")
             if device is not None:
                 self._publish(self.topics.ack(device), ack_payload(device, seq, False, reason, version))
+        if len(rejections) > LOGGED_REJECTIONS:
+            # a flood of junk must not become a flood of log lines
+            log.warning("... and %d more rejected deltas in this round (counts in %s)",
+                        len(rejections) - LOGGED_REJECTIONS, STATS_FILE)
         self._write_stats()
         return len(accepted)
+
+    def _check(self, device, payload: bytes, version: int, in_round: set):
+        """The decoded delta when it may be merged at `version`, else a rejection tuple."""
+        try:
+            d = decode_delta(payload, self.max_payload)
+        except ProtocolError as e:
+            return (device, -1, "malformed", str(e))
+        if d.device != device:
+            return (device, d.seq, "device mismatch", f"delta of {d.device!r} on the topic of {device!r}")
+        if (d.device, d.seq) in in_round or self.store.is_merged(d.device, d.seq):
+            return (device, d.seq, "duplicate", "")
+        reason = merge.validate_delta(d, self.shapes, version, self.max_row_norm)
+        if reason is not None:
+            return (device, d.seq, reason, f"base version {d.base_version}")
+        return d
 
     # -- helpers ---------------------------------------------------------------------------------
 

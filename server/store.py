@@ -87,7 +87,10 @@ class SQLiteStore(Store):
         database holding versions of another model."""
         self.path = path
         self.manifest = manifest
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as e:
+            raise ModelError(f"{path}: cannot create its folder ({e.strerror})") from None
         try:
             # The server loop is the only user, but it may run in another thread than the one that
             # opened the store (tests, a future thread pool); sqlite3 serialises access itself.

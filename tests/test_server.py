@@ -167,6 +167,9 @@ def test_validate_delta_reasons():
         "non-finite": with_layer0(dg=np.array([0, np.nan], np.float32)),
         "bad counts": with_layer0(counts=np.array([1, 0], np.float32)),
         "repeated rows": with_layer0(rows=np.array([4, 4], np.int32)),
+        "empty": PrototypeDelta("dev", 1, 0, [LayerDelta(np.zeros(0, np.int32), np.zeros((0, i), np.float32),
+                                                         np.zeros(0, np.float32), np.zeros(0, np.float32))
+                                              for _, i in SHAPES]),
     }
     for reason, d in cases.items():
         assert merge.validate_delta(d, SHAPES, 0) == reason

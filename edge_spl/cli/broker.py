@@ -16,6 +16,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_listen(host: str, port: int) -> int:
+    """Bind (host, port) once, as the broker will, so a bad address or a port in use is one clear
+    line here rather than amqtt's logged traceback. Returns the port (a free one for 0)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+            return s.getsockname()[1]
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise EdgeSplError(f"embedded broker cannot listen on {host}:{port} ({why})") from None
+
+
 def broker_config(host: str, port: int) -> dict:
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
@@ -44,6 +59,6 @@ def run(args) -> int:
     # amqtt logs every packet at INFO; keep its warnings only.
     logging.getLogger("amqtt").setLevel(logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    port = args.port or free_port(args.host)
+    port = check_listen(args.host, args.port)
     asyncio.run(_serve(args.host, port))
     return 0
