@@ -11,7 +11,10 @@ import math
 import numpy as np
 from numba import njit
 
-VAR_EPS = 1e-6  # keeps a feature that stops moving from dividing by ~0
+# A feature's running standard deviation is floored at this fraction of its training one, so a
+# feature that stops moving does not divide by ~0. Relative, not absolute: occupancy's
+# HumidityRatio has a training variance of 7e-7, which an absolute 1e-6 would more than double.
+SD_FLOOR = 0.01
 
 # The flags of every kernel. error_model="numpy": a float division by zero gives inf instead of
 # raising, so the inner loops carry no per-element ZeroDivisionError branch and LLVM vectorises
@@ -21,9 +24,10 @@ _jit = njit(cache=True, nogil=True, error_model="numpy")
 
 
 @_jit
-def _ema_standardize(x, mean, var, alpha, z_clip, z_out):
+def _ema_standardize(x, mean, var, var_floor, alpha, z_clip, z_out):
     """Running input re-standardisation. Updates the exponential moving mean/variance with x,
-    then writes z = clip((x - mean) / sqrt(var + eps), +-z_clip).
+    then writes z = clip((x - mean) / sqrt(max(var, var_floor)), +-z_clip). With alpha = 0 this
+    is exactly the training standardisation (var_floor is below the training variance).
 
     The step that updates mean and var is winsorised at z_clip standard deviations: one extreme
     outlier (gas batch 2 has a feature at ~30,000 where batch 1 averages ~4.5) would otherwise
@@ -31,7 +35,7 @@ def _ema_standardize(x, mean, var, alpha, z_clip, z_out):
     while real drift, which moves many samples the same way, still gets through at a rate of up
     to alpha * z_clip standard deviations per sample (and the variance can double per sample)."""
     for j in range(x.shape[0]):
-        sd = math.sqrt(var[j] + VAR_EPS)
+        sd = math.sqrt(max(var[j], var_floor[j]))
         delta = x[j] - mean[j]
         lim = z_clip * sd
         if delta > lim:
@@ -41,7 +45,7 @@ def _ema_standardize(x, mean, var, alpha, z_clip, z_out):
         mean[j] += alpha * delta
         # West's incremental exponentially weighted variance
         var[j] = (1.0 - alpha) * (var[j] + alpha * delta * delta)
-        z = (x[j] - mean[j]) / math.sqrt(var[j] + VAR_EPS)
+        z = (x[j] - mean[j]) / math.sqrt(max(var[j], var_floor[j]))
         if z > z_clip:
             z = z_clip
         elif z < -z_clip:
@@ -290,15 +294,21 @@ def check_f32(name: str, a, shape) -> np.ndarray:
     return a
 
 
-def ema_standardize(x, mean, var, alpha: float, z_clip: float, z_out) -> np.ndarray:
+def var_floor(std) -> np.ndarray:
+    """The variance floor of `_ema_standardize` for features of training std `std` (> 0)."""
+    return np.maximum(np.square(SD_FLOOR * np.asarray(std, np.float64)),
+                      np.finfo(np.float32).tiny).astype(np.float32)
+
+
+def ema_standardize(x, mean, var, floor, alpha: float, z_clip: float, z_out) -> np.ndarray:
     """Validating wrapper of `_ema_standardize` (tests and one-off use; the learner calls the
     kernel directly on arrays it has checked once)."""
     d = mean.shape[0] if isinstance(mean, np.ndarray) else -1
-    for name, a in (("x", x), ("mean", mean), ("var", var), ("z_out", z_out)):
+    for name, a in (("x", x), ("mean", mean), ("var", var), ("floor", floor), ("z_out", z_out)):
         check_f32(name, a, (d,))
-    if not 0.0 <= alpha <= 1.0 or z_clip <= 0:
-        raise ValueError(f"alpha {alpha} must be in [0, 1] and z_clip {z_clip} positive")
-    _ema_standardize(x, mean, var, np.float32(alpha), np.float32(z_clip), z_out)
+    if not 0.0 <= alpha <= 1.0 or z_clip <= 0 or not np.all(floor > 0):
+        raise ValueError(f"alpha {alpha} must be in [0, 1], z_clip {z_clip} and the floor positive")
+    _ema_standardize(x, mean, var, floor, np.float32(alpha), np.float32(z_clip), z_out)
     return z_out
 
 

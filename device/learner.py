@@ -27,7 +27,7 @@ from edge_spl.errors import DataError
 from edge_spl.manifest import ExportedModel, proto_values_ok
 from edge_spl.protocol import LayerDelta, PrototypeDelta, Release, check_name
 
-from .kernels import _ema_standardize, _ff_hidden_step, _ff_update, _ff_update_pair, _ff_update_rms
+from .kernels import _ema_standardize, _ff_hidden_step, _ff_update, _ff_update_pair, _ff_update_rms, var_floor
 from .session import OnnxModel
 
 log = logging.getLogger("edge_spl.device")
@@ -91,7 +91,7 @@ class FFLearner:
         self.next_seq_ = 1
         self.counts_ = [np.zeros(s, np.float32) for s in self.sizes[1:]]
         # running mean of the squared head gradients and the number of head steps (local, not synced)
-        self.vP_ = np.zeros((self.sizes[-1], self.sizes[-2]), np.float32)
+        self.vP_ = np.zeros(m.proto_shapes()[-1][0], np.float32)
         self.vg_ = np.zeros(self.sizes[-1], np.float32)
         self.head_steps_ = 0
         self.n_samples_ = 0
@@ -104,6 +104,7 @@ class FFLearner:
         d = self.sizes[0]
         self.onnx = OnnxModel(self.model)
         self._alpha32 = np.float32(self.alpha)
+        self._var_floor = var_floor(self.model.manifest.std)
         self._zclip32 = np.float32(self.model.manifest.z_clip)
         self._lr_hidden32 = np.float32(self.lr_hidden)
         self._lr_head32 = np.float32(self.lr_head)
@@ -148,7 +149,7 @@ class FFLearner:
             raise ValueError(f"label index {label} outside -1..{self.sizes[-1] - 1}")
 
         z = self._z[0]
-        _ema_standardize(x, self.mean_, self.var_, self._alpha32, self._zclip32, z)
+        _ema_standardize(x, self.mean_, self.var_, self._var_floor, self._alpha32, self._zclip32, z)
         learn_hidden = self.lr_hidden > 0 and self.has_prev_ and self.n_layers > 1
         if learn_hidden:
             neg = self._z[1]
@@ -239,7 +240,8 @@ class FFLearner:
             rows = np.flatnonzero(c > 0).astype(np.int32)
             layers.append(LayerDelta(rows, np.ascontiguousarray(uP[rows]), np.ascontiguousarray(ug[rows]),
                                      c[rows].copy()))
-        delta = PrototypeDelta(self.device_id, self.next_seq_, self.base_version_, layers)
+        delta = PrototypeDelta(self.device_id, self.next_seq_, self.base_version_, layers,
+                               self.manifest.onnx_sha256)
         self.next_seq_ += 1
         self.outstanding_.append(delta)
         for c in self.counts_:
@@ -300,7 +302,7 @@ def _warm_up(hidden: bool = True) -> None:
     v = np.zeros(2, np.float32)
     M = np.zeros((2, 2), np.float32)
     one = np.float32(1.0)
-    _ema_standardize(v, v.copy(), np.ones(2, np.float32), one, one, v.copy())
+    _ema_standardize(v, v.copy(), np.ones(2, np.float32), np.ones(2, np.float32), one, one, v.copy())
     _ff_update(v, v, np.full(2, -1.0, np.float32), M, v.copy(), one, v.copy())
     _ff_update_rms(v, v, np.full(2, -1.0, np.float32), M, v.copy(), M.copy(), v.copy(), one, one,
                    np.float32(0.5), one, v.copy())

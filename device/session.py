@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from edge_spl.errors import ModelError
 from edge_spl.manifest import ExportedModel, input_names, output_names
+from edge_spl.spl import layer_dims
 
 # onnxruntime graph rewrites that slow down a graph whose matrices are inputs (see above)
 DISABLED_OPTIMIZERS = ["MatMulScaleFusion"]
@@ -85,7 +86,8 @@ class OnnxModel:
         self.output_names = want_out
         sizes = m.sizes
         self._out_shapes = {"logits": [sizes[-1]]}
-        self._out_shapes.update({f"h{i}": [sizes[i]] for i in range(1, self.n_layers)})
+        dims = layer_dims(sizes)
+        self._out_shapes.update({f"h{i}": [dims[i][0]] for i in range(1, self.n_layers)})
         self._out_shapes.update({f"r{i}": [sizes[i + 1]] for i in range(self.n_layers - 1)})
         self._bound: dict[int, _Bound] = {}
         self._check(exported)

@@ -3,7 +3,8 @@
 ONNX contract (opset OPSET), all float32:
     inputs   x [N, d_in] (standardised, clipped), and for every layer i: P{i} [d_out, d_in], g{i} [d_out]
     outputs  logits [N, n_classes];
-             h{i} [N, d_in of layer i] for i >= 1 (the input each later layer sees; h0 is x);
+             h{i} [N, d_in of layer i] for i >= 1 (the input each later layer sees; h0 is x;
+                  the head's is [x, last hidden output]);
              r{i} [N, d_out] routing of each hidden layer i (the head's routing is the logits)
 W and b are baked in as initializers; P and g are fed on every call so the device's adapted
 arrays take effect at once, with no re-export and no session rebuild.
@@ -18,9 +19,9 @@ import numpy as np
 
 from .errors import ModelError
 from .files import atomic_write_bytes, pack_arrays, sha256_file, sha256_hex, unpack_arrays
-from .spl import Z_CLIP
+from .spl import Z_CLIP, layer_dims
 
-FORMAT = 1
+FORMAT = 2   # 2: the head sees [z, h] (edge_spl.spl)
 OPSET = 17
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -56,7 +57,7 @@ class Manifest:
         return len(self.sizes) - 1
 
     def proto_shapes(self) -> list[tuple[tuple[int, int], tuple[int]]]:
-        return [((o, i), (o,)) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
+        return [((o, i), (o,)) for i, o in layer_dims(self.sizes)]
 
     def validate(self) -> "Manifest":
         """Every field checked for type and range: a manifest may come from the network, and

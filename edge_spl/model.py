@@ -13,9 +13,9 @@ import numpy as np
 
 from .errors import ModelError
 from .files import atomic_write_bytes, pack_arrays, sha256_file, unpack_arrays
-from .spl import forward, standardize
+from .spl import forward, layer_dims, standardize
 
-FORMAT = 1
+FORMAT = 2   # 2: the head sees [z, h] (edge_spl.spl)
 STATE_FILE = "model.npz"
 META_FILE = "model.json"
 
@@ -48,7 +48,7 @@ class ModelState:
     def validate(self) -> None:
         if not self.layers:
             raise ModelError("model has no layers")
-        d = self.mean.shape[0]
+        d = d_in = self.mean.shape[0]
         if self.std.shape != (d,) or not np.all(self.std > 0):
             raise ModelError(f"standardisation must be {d} positive stds, got shape {self.std.shape}")
         if not (np.all(np.isfinite(self.mean)) and np.all(np.isfinite(self.std))):
@@ -60,10 +60,13 @@ class ModelState:
             want = {"P", "g"} if head else {"W", "b", "P", "g"}
             if set(L) != want:
                 raise ModelError(f"layer {i} has arrays {sorted(L)}, expected {sorted(want)}")
-            d_out, d_in = L["P"].shape
-            if d_in != d:
-                raise ModelError(f"layer {i} takes {d_in} inputs, previous layer gives {d}")
-            shapes = {"P": (d_out, d_in), "g": (d_out,), "W": (d_out, d_in), "b": (d_out,)}
+            d_out, d_takes = L["P"].shape
+            if head and len(self.layers) > 1:
+                d += d_in   # the head also sees the model's input (skip connection)
+            if d_takes != d:
+                raise ModelError(f"layer {i} takes {d_takes} inputs, expected {d}")
+            d_in_layer = d_takes
+            shapes = {"P": (d_out, d_in_layer), "g": (d_out,), "W": (d_out, d_in_layer), "b": (d_out,)}
             for k, a in L.items():
                 if a.shape != shapes[k]:
                     raise ModelError(f"layer {i} {k} has shape {a.shape}, expected {shapes[k]}")
@@ -156,7 +159,7 @@ def init_model(sizes: list[int], mean, std, class_names, feature_names, seed: in
     """A freshly initialised model of the given sizes [d_in, hidden..., n_classes]."""
     rng = np.random.default_rng(seed)
     layers = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (d_in, d_out) in enumerate(layer_dims(sizes)):
         P = rng.standard_normal((d_out, d_in)).astype(np.float32)
         P /= np.linalg.norm(P, axis=1, keepdims=True) / np.sqrt(d_in)
         g = np.zeros(d_out, np.float32)

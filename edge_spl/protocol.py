@@ -189,6 +189,9 @@ class PrototypeDelta:
     seq: int
     base_version: int
     layers: list[LayerDelta]
+    # the model (ONNX sha256) the rows were learned on: another model of the same shapes (a
+    # retrained one) must not take them. "" = not stated (deltas of older devices).
+    model_sha256: str = ""
 
     @property
     def samples(self) -> float:
@@ -205,6 +208,8 @@ def encode_delta(d: PrototypeDelta, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> byt
         arrays[f"counts{i}"] = np.asarray(L.counts, np.float32)
     header = {"device": d.device, "seq": int(d.seq), "base_version": int(d.base_version),
               "n_layers": len(d.layers)}
+    if d.model_sha256:
+        header["model_sha256"] = d.model_sha256
     return _encode(KIND_DELTA, header, arrays, max_bytes)
 
 
@@ -216,6 +221,9 @@ def decode_delta(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Protot
     seq = _counter(header, "seq")
     base = _counter(header, "base_version")
     n = _counter(header, "n_layers", 1, MAX_LAYERS)
+    model = header.get("model_sha256", "")
+    if not isinstance(model, str) or len(model) > 128:
+        raise ProtocolError("header field 'model_sha256' is not a sha256")
     layers = []
     for i in range(n):
         rows = _array(arrays, f"rows{i}", np.int32, 1)
@@ -232,7 +240,7 @@ def decode_delta(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Protot
         if np.any(counts <= 0):
             raise ProtocolError(f"layer {i}: sample counts must be positive")
         layers.append(LayerDelta(rows, dP, dg, counts))
-    return PrototypeDelta(device, seq, base, layers)
+    return PrototypeDelta(device, seq, base, layers, model)
 
 
 # -- releases ---------------------------------------------------------------------------------

@@ -7,8 +7,11 @@ Hidden SPL layer (d_in -> d_out), parameters W (d_out x d_in), b (d_out), P (d_o
     mask    = routing > 0                    (hard, all-or-nothing)
     out     = silu(x W^T + b) * mask  [+ x * (1 - mask) when d_in == d_out]
 
-Prototype head (d_in -> n_classes), parameters P (C x d_in), g (C):
-    logits  = x P^T / sqrt(d_in) - g         (the head's routing is the class score)
+Prototype head, parameters P (C x d_head), g (C), on the last hidden output h *and* the model's
+standardised input z (a skip connection), u = [z, h], d_head = d_in + d_last:
+    logits  = u P^T / sqrt(d_head) - g       (the head's routing is the class score)
+The skip lets the device's head re-weight raw inputs when drift makes them more telling than the
+frozen hidden features (gas drift, all labels: 94.9 -> 96.0 % prequential accuracy).
 
 Gates are used as they are; the reference code divided g by the layer's max |g|, which makes
 a gate's effect depend on every other gate and gives a local learner a moving target.
@@ -45,17 +48,31 @@ def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return np.clip(z, -Z_CLIP, Z_CLIP).astype(np.float32)
 
 
+def layer_dims(sizes) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every layer of a model of widths [d_in, hidden..., n_classes]; the head
+    takes [z, h] (see the module docstring), or z alone when there is no hidden layer."""
+    dims = list(zip(sizes[:-2], sizes[1:-1]))
+    head_in = sizes[0] + sizes[-2] if len(sizes) > 2 else sizes[0]
+    return dims + [(head_in, sizes[-1])]
+
+
+def head_input(z: np.ndarray, h: np.ndarray, n_layers: int) -> np.ndarray:
+    return np.concatenate([z, h], axis=-1) if n_layers > 1 else z
+
+
 def forward(layers, z):
     """Whole model on standardised inputs z (n x d). `layers` is a sequence of dicts with keys
     W, b, P, g (hidden) and, last, P, g (head). Returns (logits, hs, rs): hs[i] is the input of
-    layer i (hs[0] is z) and rs[i] its routing (rs[-1] is the logits)."""
-    h = np.asarray(z, np.float32)
+    layer i (hs[0] is z, hs[-1] the head's [z, h]) and rs[i] its routing (rs[-1] is the logits)."""
+    z = np.asarray(z, np.float32)
+    h = z
     hs, rs = [], []
     for layer in layers[:-1]:
         hs.append(h)
         h, r = spl_forward(h, layer["W"], layer["b"], layer["P"], layer["g"])
         rs.append(r)
     head = layers[-1]
+    h = head_input(z, h, len(layers))
     hs.append(h)
     logits = routing(h, head["P"], head["g"])
     rs.append(logits)

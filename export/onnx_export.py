@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_spl.manifest import OPSET, ExportedModel, Manifest, input_names, output_names
 from edge_spl.model import ModelState
+from edge_spl.spl import layer_dims
 
 # onnxruntime 1.17+ reads IR version 9 / opset 17; newer onnx writes a newer IR by default.
 IR_VERSION = 9
@@ -23,10 +24,11 @@ def build_onnx(state: ModelState) -> bytes:
         inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
         return name
 
+    dims = layer_dims(sizes)
     one = const("one", 1.0)
     h = "x"
     for i, L in enumerate(state.layers):
-        d_in = sizes[i]
+        d_in = dims[i][0]
         inv_sqrt = const(f"inv_sqrt{i}", 1.0 / np.sqrt(d_in))
         head = i == n - 1
         # routing = (h @ P^T) * (1/sqrt(d_in)) - g
@@ -48,7 +50,8 @@ def build_onnx(state: ModelState) -> bytes:
             helper.make_node("Greater", [f"r{i}", const(f"zero{i}", 0.0)], [f"mb{i}"]),
             helper.make_node("Cast", [f"mb{i}"], [f"mask{i}"], to=TensorProto.FLOAT),
         ]
-        out = f"h{i + 1}"
+        last_hidden = i == n - 2
+        out = "hlast" if last_hidden else f"h{i + 1}"
         if sizes[i] == sizes[i + 1]:   # pass-through for switched-off units
             nodes += [
                 helper.make_node("Mul", [f"a{i}", f"mask{i}"], [f"am{i}"]),
@@ -58,6 +61,9 @@ def build_onnx(state: ModelState) -> bytes:
             ]
         else:
             nodes.append(helper.make_node("Mul", [f"a{i}", f"mask{i}"], [out]))
+        if last_hidden:   # the head sees [x, h] (skip connection)
+            nodes.append(helper.make_node("Concat", ["x", out], [f"h{i + 1}"], axis=1))
+            out = f"h{i + 1}"
         h = out
 
     def vi(name, shape):
@@ -65,10 +71,10 @@ def build_onnx(state: ModelState) -> bytes:
 
     inputs = [vi("x", ["N", sizes[0]])]
     for i in range(n):
-        inputs += [vi(f"P{i}", [sizes[i + 1], sizes[i]]), vi(f"g{i}", [sizes[i + 1]])]
+        inputs += [vi(f"P{i}", [dims[i][1], dims[i][0]]), vi(f"g{i}", [dims[i][1]])]
     assert [v.name for v in inputs] == input_names(n)
     out_shapes = {"logits": ["N", sizes[-1]]}
-    out_shapes.update({f"h{i}": ["N", sizes[i]] for i in range(1, n)})
+    out_shapes.update({f"h{i}": ["N", dims[i][0]] for i in range(1, n)})
     out_shapes.update({f"r{i}": ["N", sizes[i + 1]] for i in range(n - 1)})
     outputs = [vi(name, out_shapes[name]) for name in output_names(n)]
     graph = helper.make_graph(nodes, f"spl_{state.model_id}", inputs, outputs, inits)

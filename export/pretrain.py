@@ -21,7 +21,7 @@ from edge_spl.data import GAS_FEATURES, OCCUPANCY_FEATURES, Dataset
 from edge_spl.errors import DataError, ModelError
 from edge_spl.model import ModelState, init_model
 from edge_spl.protocol import DEFAULT_MAX_PAYLOAD
-from edge_spl.spl import forward, standardize
+from edge_spl.spl import forward, layer_dims, standardize
 
 from .spl_torch import SPLModel, mask_oracle
 
@@ -52,12 +52,12 @@ def check_hidden(hidden) -> list[int]:
 def check_fits_the_wire(sizes: list[int]) -> None:
     """Refuse, before allocating anything, a model whose prototypes (one release) or ONNX file
     would not fit in one MQTT payload: the server could never publish it."""
-    weights = [o * i + o for i, o in zip(sizes[:-1], sizes[1:])]   # P, g (and W, b) per layer
+    weights = [o * i + o for i, o in layer_dims(sizes)]   # P, g (and W, b) per layer
     biggest = 4 * max(sum(weights), sum(weights[:-1]))
     if biggest > DEFAULT_MAX_PAYLOAD * 0.9:
         raise ModelError(f"a {'-'.join(map(str, sizes))} model has {biggest / 1e6:.0f} MB of prototypes or "
                          f"weights, over the {DEFAULT_MAX_PAYLOAD / 1e6:.0f} MB MQTT payload it must fit "
-                         f"in; use smaller --hidden layers (or fewer features)")
+                         f"in; use smaller --hidden layers (or fewer features or classes: is --label the right column?)")
 
 
 def split_stratified(y: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -90,6 +90,8 @@ class SPLModel(nn.Module):
             h, r, m = layer(h, relax)
             rs.append(r)
             masks.append(m)
+        if self.hidden:   # the head sees [z, h] (skip connection, edge_spl.spl)
+            h = torch.cat([z, h], dim=-1)
         hs.append(h)
         return Trace(self.head(h), hs, rs, masks)
 

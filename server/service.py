@@ -341,6 +341,8 @@ class Server:
             return (device, -1, "malformed", str(e))
         if d.device != device:
             return (device, d.seq, "device mismatch", f"delta of {d.device!r} on the topic of {device!r}")
+        if d.model_sha256 and d.model_sha256 != self.model.manifest.onnx_sha256:
+            return (device, d.seq, "other model", f"learned on model {d.model_sha256[:12]}")
         if (d.device, d.seq) in in_round or self.store.is_merged(d.device, d.seq):
             return (device, d.seq, "duplicate", "")
         reason = merge.validate_delta(d, self.shapes, version, self.max_row_norm)

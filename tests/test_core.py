@@ -40,9 +40,11 @@ def test_forward_returns_layer_inputs_and_routings():
     state = make_model()
     z = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     logits, hs, rs = forward(state.layers, z)
-    assert logits.shape == (4, 3) and [h.shape[1] for h in hs] == [8, 16, 16]
+    # the head sees [z, h]: 8 + 16 inputs
+    assert logits.shape == (4, 3) and [h.shape[1] for h in hs] == [8, 16, 24]
+    np.testing.assert_array_equal(hs[-1][:, :8], z)
     head = state.layers[-1]
-    np.testing.assert_allclose(logits, hs[-1] @ head["P"].T / 4.0 - head["g"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, hs[-1] @ head["P"].T / np.sqrt(24) - head["g"], rtol=1e-5, atol=1e-6)
     assert rs[-1] is logits
 
 

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_spl.device.kernels import (RMS_EPS, VAR_EPS, _ema_standardize, _ff_hidden_step, _ff_update,
+from edge_spl.device.kernels import (RMS_EPS, SD_FLOOR, _ema_standardize, _ff_hidden_step, _ff_update,
                                     _ff_update_pair, _ff_update_rms, _top_rows, ema_standardize,
-                                    ff_update, ff_update_batch, ff_update_rms, ff_update_rms_batch)
+                                    ff_update, ff_update_batch, ff_update_rms, ff_update_rms_batch, var_floor)
 from edge_spl.spl import Z_CLIP, standardize
 
 f32 = np.float32
@@ -16,13 +16,14 @@ f32 = np.float32
 
 # -- numpy twins --------------------------------------------------------------------------------
 
-def ema_twin(x, mean, var, alpha, z_clip):
-    x, mean, var = (np.asarray(a, np.float64) for a in (x, mean, var))
-    sd = np.sqrt(var + VAR_EPS)
+def ema_twin(x, mean, var, std0, alpha, z_clip):
+    x, mean, var, std0 = (np.asarray(a, np.float64) for a in (x, mean, var, std0))
+    floor = (SD_FLOOR * std0) ** 2
+    sd = np.sqrt(np.maximum(var, floor))
     delta = np.clip(x - mean, -z_clip * sd, z_clip * sd)
     mean = mean + alpha * delta
     var = (1 - alpha) * (var + alpha * delta ** 2)
-    z = np.clip((x - mean) / np.sqrt(var + VAR_EPS), -z_clip, z_clip)
+    z = np.clip((x - mean) / np.sqrt(np.maximum(var, floor)), -z_clip, z_clip)
     return mean, var, z
 
 
@@ -66,9 +67,10 @@ def test_ema_standardize_matches_numpy(seed, d, alpha, scale, z_clip):
     x = (rng.standard_normal(d) * scale).astype(f32)
     mean = rng.standard_normal(d).astype(f32)
     var = rng.uniform(0.01, 4.0, d).astype(f32)
-    want_m, want_v, want_z = ema_twin(x, mean, var, alpha, z_clip)
+    std0 = rng.uniform(0.01, 300.0, d).astype(f32)   # the floor binds for some features
+    want_m, want_v, want_z = ema_twin(x, mean, var, std0, alpha, z_clip)
     z = np.full(d, np.nan, f32)
-    _ema_standardize(x, mean, var, f32(alpha), f32(z_clip), z)
+    _ema_standardize(x, mean, var, var_floor(std0), f32(alpha), f32(z_clip), z)
     np.testing.assert_allclose(mean, want_m, rtol=1e-5, atol=1e-5 * max(1.0, scale))
     np.testing.assert_allclose(var, want_v, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(z, want_z, rtol=1e-4, atol=1e-4)
@@ -83,8 +85,8 @@ def test_ema_standardize_over_a_stream_matches_numpy():
     z = np.empty(d, f32)
     for t in range(300):
         x = (rng.standard_normal(d) * 2 + 0.01 * t).astype(f32)   # a slow drift
-        _ema_standardize(x, mean, var, f32(0.05), f32(Z_CLIP), z)
-        m64, v64, z64 = ema_twin(x, m64, v64, 0.05, Z_CLIP)
+        _ema_standardize(x, mean, var, var_floor(np.ones(d)), f32(0.05), f32(Z_CLIP), z)
+        m64, v64, z64 = ema_twin(x, m64, v64, np.ones(d), 0.05, Z_CLIP)
         np.testing.assert_allclose(z, z64, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(mean, m64, rtol=1e-4, atol=1e-4)
     # the running mean followed the drift
@@ -96,20 +98,32 @@ def test_ema_with_alpha_zero_is_the_models_standardisation():
     d = 30
     x = (rng.standard_normal(d) * 40).astype(f32)
     mean = rng.standard_normal(d).astype(f32)
-    std = rng.uniform(0.5, 3, d).astype(f32)
+    # down to occupancy's HumidityRatio, whose training variance is 7e-7
+    std = np.exp(rng.uniform(np.log(5e-4), np.log(3), d)).astype(f32)
     var = np.square(std)
     z = np.empty(d, f32)
-    ema_standardize(x, mean.copy(), var.copy(), 0.0, Z_CLIP, z)
-    np.testing.assert_allclose(z, standardize(x[None], mean, std)[0], rtol=1e-4, atol=1e-4)
+    ema_standardize(x, mean.copy(), var.copy(), var_floor(std), 0.0, Z_CLIP, z)
+    np.testing.assert_allclose(z, standardize(x[None], mean, std)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_feature_that_stops_moving_is_floored_at_a_fraction_of_its_training_spread():
+    mean, var, floor = np.zeros(1, f32), np.full(1, 4e-6, f32), var_floor(np.full(1, 2e-3))
+    z = np.empty(1, f32)
+    for _ in range(5000):
+        ema_standardize(np.zeros(1, f32), mean, var, floor, 0.01, Z_CLIP, z)
+    assert var[0] < floor[0]                         # the running variance decayed past the floor
+    ema_standardize(np.full(1, 2e-3 * SD_FLOOR, f32), mean, var, floor, 0.0, Z_CLIP, z)
+    assert z[0] == pytest.approx(1.0, rel=1e-3)     # one floor-sd away reads as 1, not as huge
 
 
 def test_one_extreme_outlier_does_not_mute_its_feature():
     mean, var = np.zeros(1, f32), np.ones(1, f32)
     z = np.empty(1, f32)
-    ema_standardize(np.array([30000.0], f32), mean, var, 0.01, Z_CLIP, z)
+    floor = var_floor(np.ones(1))
+    ema_standardize(np.array([30000.0], f32), mean, var, floor, 0.01, Z_CLIP, z)
     assert z[0] == pytest.approx(Z_CLIP)
     assert var[0] < 2.0 and abs(mean[0]) < 0.2      # winsorised: one sample moves it little
-    ema_standardize(np.array([1.0], f32), mean, var, 0.01, Z_CLIP, z)
+    ema_standardize(np.array([1.0], f32), mean, var, floor, 0.01, Z_CLIP, z)
     assert 0.5 < z[0] < 1.5                         # the next normal sample still reads as normal
 
 
@@ -117,13 +131,13 @@ def test_ema_wrapper_rejects_bad_arrays():
     d = 4
     ok = np.zeros(d, f32)
     with pytest.raises(TypeError, match="float32"):
-        ema_standardize(np.zeros(d), ok.copy(), np.ones(d, f32), 0.01, 10, ok.copy())
+        ema_standardize(np.zeros(d), ok.copy(), np.ones(d, f32), np.ones(d, f32), 0.01, 10, ok.copy())
     with pytest.raises(ValueError, match="shape"):
-        ema_standardize(np.zeros(d + 1, f32), ok.copy(), np.ones(d, f32), 0.01, 10, ok.copy())
+        ema_standardize(np.zeros(d + 1, f32), ok.copy(), np.ones(d, f32), np.ones(d, f32), 0.01, 10, ok.copy())
     with pytest.raises(TypeError, match="C-contiguous"):
-        ema_standardize(np.zeros(2 * d, f32)[::2], ok.copy(), np.ones(d, f32), 0.01, 10, ok.copy())
+        ema_standardize(np.zeros(2 * d, f32)[::2], ok.copy(), np.ones(d, f32), np.ones(d, f32), 0.01, 10, ok.copy())
     with pytest.raises(ValueError, match="alpha"):
-        ema_standardize(ok.copy(), ok.copy(), np.ones(d, f32), 1.5, 10, ok.copy())
+        ema_standardize(ok.copy(), ok.copy(), np.ones(d, f32), np.ones(d, f32), 1.5, 10, ok.copy())
 
 
 # -- Forward-Forward step -------------------------------------------------------------------------

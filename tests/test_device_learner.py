@@ -307,3 +307,21 @@ def test_missing_corrupt_or_foreign_state(tiny, tmp_path):
         f.write(data)
     with pytest.raises(ModelError, match="device 'dev1', not 'dev2'"):
         load_state(FFLearner(exported, device_id="dev2"), str(tmp_path))
+
+
+def test_without_labels_or_adaptation_the_learner_is_the_frozen_model_on_occupancy(occupancy_dir):
+    """alpha = 0 and no labels must reproduce the frozen model exactly, also for occupancy's
+    HumidityRatio, whose training variance (7e-7) is below any sensible absolute epsilon."""
+    from edge_spl.data import OCCUPANCY_FEATURES, load_occupancy
+    from edge_spl.model import init_model
+
+    train, test = load_occupancy(occupancy_dir), load_occupancy(occupancy_dir, "datatest2.txt")
+    mean, std = train.X.mean(0), train.X.std(0)
+    assert std.min() < 1e-3
+    state = init_model([5, 16, 16, 2], mean, std, ["0", "1"], OCCUPANCY_FEATURES, seed=3)
+    learner = FFLearner(export_model(state), alpha=0.0)
+    X = test.X[:3000]
+    want = forward(state.layers, standardize(X, state.mean, state.std))[0].argmax(1)
+    got = np.array([learner.step(x)[0] for x in X])
+    assert np.array_equal(got, want)
+    np.testing.assert_array_equal(learner.var_, np.square(np.asarray(state.std, f32)))

@@ -94,7 +94,7 @@ def test_pass_through_keeps_input_of_switched_off_units():
     state.layers[0]["g"][:] = 1e6          # every hidden unit off
     z = inputs(6, n=20)
     tr = torch_trace(state, z)
-    np.testing.assert_array_equal(tr.hs[1].numpy(), z)
+    np.testing.assert_array_equal(tr.hs[1].numpy(), np.concatenate([z, z], axis=1))   # [z, h] with h = z
 
 
 # -- ONNX vs torch -----------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_oracle_is_the_per_sample_loss_change_of_a_mask():
         a = torch.nn.functional.silu(z @ L.W.T + L.b)
         def loss(mask):
             h = a * mask + z * (1 - mask)
-            return torch.nn.functional.cross_entropy(model.head(h), y, reduction="none")
+            return torch.nn.functional.cross_entropy(model.head(torch.cat([z, h], 1)), y, reduction="none")
         m0 = trace.masks[0].detach()
         for n, j in [(0, 0), (1, 3), (4, 5)]:
             m1 = m0.clone()

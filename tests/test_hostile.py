@@ -301,7 +301,8 @@ def test_server_survives_hostile_deltas_and_counts_them(fleet_env):
         dev.send(f"x{k}", payload)
     for k in range(200):   # a flood of junk
         dev.client.publish(fleet_env.topics.delta(f"f{k % 20}"), b"junk", qos=0)
-    good = random_delta(rng, "good", 1, 0, rows=[[1], [2], [0]])
+    shapes = [P_.shape for P_, _ in fleet_env.model.protos]
+    good = random_delta(rng, "good", 1, 0, rows=[[1], [2], [0]], shapes=shapes)
     dev.send("good", P.encode_delta(good))
     ack = dev.next("ack", lambda t, p: t.endswith("/ack/good"), "ack of the good delta")[1]
     assert json.loads(ack) == {"device": "good", "seq": 1, "accepted": True, "reason": "merged", "version": 1}
@@ -618,3 +619,40 @@ def test_one_process_per_state_folder(tmp_path, tiny_model_dir, capsys):
         Server(("127.0.0.1", 1), tiny_model_dir, str(tmp_path / "srv"))
     first.store.close()
     first._lock.close()
+
+
+def test_a_label_column_of_unique_values_warns_a_bounded_number_of_times(tmp_path, tiny_model_dir, capsys,
+                                                                         caplog):
+    from edge_spl.cli.device import MAX_UNKNOWN_LABELS
+
+    lines = [",".join(f"f{i}" for i in range(8)) + ",y"] + [",".join(["1"] * 8) + f",t{k}" for k in range(200)]
+    (tmp_path / "s.csv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="edge_spl"):
+        assert main(["device", "--id", "d", "--source", str(tmp_path / "s.csv"), "--state", str(tmp_path / "st"),
+                     "--model", tiny_model_dir, "--label", "y", "--quiet"]) == 0
+    warnings = [r for r in caplog.records if "not one of the model's classes" in r.getMessage()
+                or "no longer reporting" in r.getMessage()]
+    assert len(warnings) == MAX_UNKNOWN_LABELS + 1
+
+
+def test_deltas_learned_on_another_model_of_the_same_shapes_are_refused(fleet_env):
+    """A retrained model keeps its shapes: a device still on the old one must not merge into it."""
+    from edge_spl.device.learner import FFLearner
+
+    learner = FFLearner(fleet_env.model, "d1")
+    learner.step(np.ones(fleet_env.model.manifest.sizes[0], np.float32), 1)
+    mine = learner.make_delta()
+    assert mine.model_sha256 == fleet_env.model.manifest.onnx_sha256
+    assert P.decode_delta(P.encode_delta(mine)).model_sha256 == mine.model_sha256
+    dev = fleet_env.device()
+    server = fleet_env.server()
+    dev.release()
+    other = random_delta(np.random.default_rng(8), "old", 1, 0, rows=[[1], [2], [0]],
+                         shapes=[P_.shape for P_, _ in fleet_env.model.protos])
+    other.model_sha256 = "0" * 64
+    dev.send("old", P.encode_delta(other))
+    ack = json.loads(dev.next("ack", lambda t, p: t.endswith("/ack/old"), "ack")[1])
+    assert ack["accepted"] is False and ack["reason"] == "other model" and server.version == 0
+    dev.send("d1", P.encode_delta(mine))
+    ack = json.loads(dev.next("ack", lambda t, p: t.endswith("/ack/d1"), "ack")[1])
+    assert ack["accepted"] is True and ack["version"] == 1

@@ -29,7 +29,7 @@ from edge_spl.server import merge
 from edge_spl.server.service import STATS_FILE, Server
 from edge_spl.server.store import DB_FILE, SQLiteStore, high_water_mark
 
-SHAPES = [(16, 8), (16, 16), (3, 16)]
+SHAPES = [(16, 8), (16, 16), (3, 24)]   # the 8-16-16-3 model of conftest; its head sees [z, h]
 WAIT = 10.0
 
 

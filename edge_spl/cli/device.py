@@ -31,6 +31,7 @@ QUIET_EVERY = 500
 # without a reconnect: the server may have lost it after its PUBACK (a crash before the round was
 # stored, a full inbox), and it dedups what it already has.
 RESEND_AFTER = 60.0
+MAX_UNKNOWN_LABELS = 20
 
 
 class Counters:
@@ -136,6 +137,7 @@ def _run(args, sync: DeviceSync | None) -> int:
         c.versions_adopted.append(learner.base_version_)
     last_info = None
     sent_at: dict[int, float] = {}     # seq -> when it was last published
+    answered: set[int] = set()         # seqs the server acked (merged or rejected): no timed resend
 
     def apply(events):
         for ev in events:
@@ -143,12 +145,15 @@ def _run(args, sync: DeviceSync | None) -> int:
                 if learner.adopt_release(ev.value):
                     c.versions_adopted.append(learner.base_version_)
                     log.debug("adopted release v%d", learner.base_version_)
-            elif ev.kind == "ack" and ev.value.get("accepted") is False:
-                if ev.value.get("reason") == "duplicate":   # a re-sent delta the server already has
-                    log.debug("server already has delta seq %s", ev.value.get("seq"))
+            elif ev.kind == "ack":
+                answered.add(ev.value["seq"])
+                if ev.value["accepted"]:
+                    continue
+                if ev.value["reason"] == "duplicate":   # a re-sent delta the server already has
+                    log.debug("server already has delta seq %s", ev.value["seq"])
                 else:
-                    c.rejected_seqs.add(ev.value.get("seq"))
-                    log.warning("server rejected delta seq %s: %s", ev.value.get("seq"), ev.value.get("reason"))
+                    c.rejected_seqs.add(ev.value["seq"])
+                    log.warning("server rejected delta seq %s: %s", ev.value["seq"], ev.value["reason"])
             elif ev.kind == "manifest" and ev.value.onnx_sha256 != model.manifest.onnx_sha256:
                 log.warning("the fleet now runs model %s; this device keeps %s (start it with a new "
                             "--state to switch)", ev.value.onnx_sha256[:12], model.manifest.onnx_sha256[:12])
@@ -161,7 +166,7 @@ def _run(args, sync: DeviceSync | None) -> int:
         sync.resend.clear()
         now = time.monotonic()
         for dlt in learner.outstanding_:
-            if every or now - sent_at.get(dlt.seq, now) >= RESEND_AFTER:
+            if every or (dlt.seq not in answered and now - sent_at.get(dlt.seq, now) >= RESEND_AFTER):
                 last_info = sync.publish_delta(dlt) or last_info
                 sent_at[dlt.seq] = now
 
@@ -216,10 +221,16 @@ def _run(args, sync: DeviceSync | None) -> int:
             y = -1
             if s.label is not None:
                 y = index_of.get(s.label, -1)
-                if y < 0 and s.label not in unknown:
+                if y < 0 and s.label not in unknown and len(unknown) <= MAX_UNKNOWN_LABELS:
+                    # a label column of timestamps or readings would otherwise warn (and be kept)
+                    # once per row, forever
                     unknown.add(s.label)
-                    log.warning("label %r is not one of the model's classes %s; treating it as unlabeled",
-                                s.label, names)
+                    if len(unknown) <= MAX_UNKNOWN_LABELS:
+                        log.warning("label %r is not one of the model's classes %s; treating it as "
+                                    "unlabeled", s.label[:80], names)
+                    else:
+                        log.warning("more than %d labels that are not model classes; no longer "
+                                    "reporting them (is --label the right column?)", MAX_UNKNOWN_LABELS)
             learn = -1
             if y >= 0:
                 if n_labels % args.label_every == 0:

@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from edge_spl.model import ModelState
-from edge_spl.spl import Z_CLIP, forward, softmax
+from edge_spl.spl import Z_CLIP, forward, layer_dims, softmax
 
 from .streams import Stream
 
@@ -61,16 +61,13 @@ def _meta_settings() -> dict:
     return {k: p[k].default for k in ("meta_weight", "tau", "rho", "fraction_weight")}
 
 
-def _learner_z(learner, x: np.ndarray, fallback_mean, fallback_std) -> np.ndarray:
+def _learner_z(learner, x: np.ndarray) -> np.ndarray:
     """The standardised input the learner just used, from its running mean/variance after the step
     (its kernel updates them first, then standardises with them)."""
     from edge_spl.device import kernels
 
-    mean, var = getattr(learner, "mean_", None), getattr(learner, "var_", None)
-    if mean is None or var is None:
-        return np.clip((x - fallback_mean) / fallback_std, -Z_CLIP, Z_CLIP).astype(np.float32)
-    eps = getattr(kernels, "VAR_EPS", 1e-6)
-    z = (x.astype(np.float64) - mean) / np.sqrt(var.astype(np.float64) + eps)
+    floor = kernels.var_floor(learner.manifest.std)
+    z = (x.astype(np.float64) - learner.mean_) / np.sqrt(np.maximum(learner.var_.astype(np.float64), floor))
     return np.clip(z, -Z_CLIP, Z_CLIP).astype(np.float32)
 
 
@@ -92,6 +89,7 @@ def ff_bp_cosine(state: ModelState, exported, stream: Stream, learn: np.ndarray,
     layers_t = list(model.hidden) + [model.head]
     n_layers = len(layers_t)
     sizes = state.sizes
+    dims = layer_dims(sizes)
     n_batches = len(stream.names)
     # one track per layer (the learner's update, or the hidden rule), plus the head's plain FF
     # rule (the kernel step without the learner's preconditioning or step sizes)
@@ -105,7 +103,7 @@ def ff_bp_cosine(state: ModelState, exported, stream: Stream, learn: np.ndarray,
     z_ok = z_n = 0
 
     def zeros():
-        return [[np.zeros(sizes[i] * sizes[i + 1] + sizes[i + 1]) for _ in range(2)] for i in layer_of]
+        return [[np.zeros(dims[i][0] * dims[i][1] + dims[i][1]) for _ in range(2)] for i in layer_of]
 
     win, tot = zeros(), zeros()
     in_window = 0
@@ -117,7 +115,7 @@ def ff_bp_cosine(state: ModelState, exported, stream: Stream, learn: np.ndarray,
         label = int(learn[t])
         before = [(P.copy(), g.copy()) for P, g in learner.protos_]
         pred, conf = learner.step(x, label)
-        z = _learner_z(learner, x, state.mean, state.std)
+        z = _learner_z(learner, x)
 
         layers = [dict(L, P=P, g=g) for L, (P, g) in zip(state.layers, before)]
         logits, hs, rs = forward(layers, z[None, :])
@@ -214,7 +212,7 @@ def ff_bp_cosine(state: ModelState, exported, stream: Stream, learn: np.ndarray,
             rule = ("hidden FF, hybrid negatives (the learner's own update)" if applied[i] else
                     "hidden FF rule computed on the layer's inputs (the learner's lr_hidden is 0: not applied)")
         rows.append({
-            "layer": i, "shape": [sizes[i + 1], sizes[i]], "kind": kind, "ff": rule,
+            "layer": i, "shape": [dims[i][1], dims[i][0]], "kind": kind, "ff": rule,
             "per_sample": [mean(v) for v in per_sample[k]],
             "window_sum": [mean(v) for v in per_window[k]],
             "batch_sum": [None if math.isnan(v) else v for v in batch_sum[k]],

@@ -20,6 +20,7 @@ from edge_spl.device.kernels import RMS_EPS, _ff_update_batch, _ff_update_rms_ba
 from edge_spl.device.learner import FFLearner
 from edge_spl.export.onnx_export import export_model
 from edge_spl.model import init_model
+from edge_spl.spl import layer_dims
 
 HP = dict(lr_head=0.02, lr_gate=0.2, rms_decay=0.99, lr_hidden=0.01, hidden_frac=0.25)
 POOL = 64   # distinct samples (or mini-batches) the timed steps cycle through
@@ -137,10 +138,10 @@ class NumpyLearn:
         self.hidden, self.batch = hidden, batch
         self.k = [max(1, math.ceil(HP["hidden_frac"] * s)) for s in sizes[1:-1]]
         self.counts = [np.zeros(s, np.float32) for s in sizes[1:]]
-        self.vP = np.zeros((sizes[-1], sizes[-2]), np.float32)
+        self.vP = np.zeros((sizes[-1], layer_dims(sizes)[-1][0]), np.float32)
         self.vg = np.zeros(sizes[-1], np.float32)
         self.steps = 0
-        self.inv = [np.float32(1.0 / math.sqrt(d)) for d in sizes[:-1]]
+        self.inv = [np.float32(1.0 / math.sqrt(d)) for d, _ in layer_dims(sizes)]
 
     def _head(self, gr: np.ndarray, e: np.ndarray, n: int) -> None:
         decay = HP["rms_decay"]
@@ -206,10 +207,10 @@ class TorchLearn:
         self.hidden, self.batch = hidden, batch
         self.k = [max(1, math.ceil(HP["hidden_frac"] * s)) for s in sizes[1:-1]]
         self.counts = [torch.zeros(s) for s in sizes[1:]]
-        self.vP = torch.zeros((sizes[-1], sizes[-2]))
+        self.vP = torch.zeros((sizes[-1], layer_dims(sizes)[-1][0]))
         self.vg = torch.zeros(sizes[-1])
         self.steps = 0
-        self.inv = [1.0 / math.sqrt(d) for d in sizes[:-1]]
+        self.inv = [1.0 / math.sqrt(d) for d, _ in layer_dims(sizes)]
 
     def convert(self, pool: list[dict]) -> list[dict]:
         """The pool as tensors, converted before timing (a torch device would have them so)."""
@@ -279,7 +280,7 @@ def work(sizes, hidden: bool, batch: int, pool: list[dict] | None = None) -> dic
     head, per element of the C x d head: gradient 1, v 4, step 6 (v/corr, +eps, sqrt, lr*gr, /, -)
     plus the mini-batch's 2 per sample; hidden, per element of a touched row: 2 per sample and
     pass (multiply, subtract)."""
-    C, d = sizes[-1], sizes[-2]
+    d, C = layer_dims(sizes)[-1]
     B = batch
     flops = C * d * (11 if B == 1 else 10 + 2 * B) + B * C * 10
     nbytes = C * d * 16 + B * d * 4 + B * C * 8 + C * 12
