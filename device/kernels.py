@@ -108,6 +108,34 @@ def _ff_update_rms(h, G, target, P, g, vP, vg, lr, lr_gate, decay, corr, counts)
 
 
 @_jit
+def _ff_replay(U, Y, picks, P, g, vP, vg, lr, lr_gate, decay, steps, counts, G, T):
+    """Latent replay on the head: one label-conditioned FF step (RMS-scaled when decay > 0, as in
+    `_ff_update_rms`; plain `_ff_update` otherwise) on each stored head input U[i] with its
+    label Y[i], for i in picks, in order, with routing recomputed from the current P, g.
+    `steps` is the number of RMS steps taken so far (for the bias correction); returns the new
+    count. counts is incremented per step as in the single-step kernels (the learner passes a
+    scratch array: a replayed step is not a new sample for the merge weights). G, T: float32
+    work buffers of len(g)."""
+    inv_sqrt = 1.0 / math.sqrt(P.shape[1])
+    for i in picks:
+        u = U[i]
+        for j in range(P.shape[0]):
+            acc = 0.0
+            for k in range(P.shape[1]):
+                acc += u[k] * P[j, k]
+            G[j] = acc * inv_sqrt - g[j]
+            T[j] = 0.0
+        T[Y[i]] = 1.0
+        if decay > 0.0:
+            steps += 1
+            corr = np.float32(1.0 - float(decay) ** steps)
+            _ff_update_rms(u, G, T, P, g, vP, vg, lr, lr_gate, decay, corr, counts)
+        else:
+            _ff_update(u, G, T, P, g, lr, counts)
+    return steps
+
+
+@_jit
 def _top_rows(r, k, rows, work):
     """The indices of the k largest entries of r, written to rows[:k]; returns k. Returns -1
     (rows undefined) when that set is not unique -- entries equal to the k-th largest both inside

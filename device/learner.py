@@ -27,7 +27,8 @@ from edge_spl.errors import DataError
 from edge_spl.manifest import ExportedModel, proto_values_ok
 from edge_spl.protocol import LayerDelta, PrototypeDelta, Release, check_name
 
-from .kernels import _ema_standardize, _ff_hidden_step, _ff_update, _ff_update_pair, _ff_update_rms, var_floor
+from .kernels import (_ema_standardize, _ff_hidden_step, _ff_replay, _ff_update, _ff_update_pair, _ff_update_rms,
+                      var_floor)
 from .session import OnnxModel
 
 log = logging.getLogger("edge_spl.device")
@@ -51,16 +52,23 @@ class FFLearner:
                 0.003 rather than 0.01, because a stream that dwells on one class for hundreds of
                 samples would otherwise have that class's own mean subtracted away
     mix         probability that a feature of the negative comes from the previous sample
+    replay      head steps replayed from the last `replay_size` labelled samples after each label
+                (latent replay: their head inputs are kept, so a step costs one small dot product
+                per class, no network pass); gas drift, shuffled, 3 seeds: all labels 95.6 -> 97.2 %,
+                5 % labels 88.6 -> 89.8 % (docs/device.md). 0 = off
+    replay_size how many labelled head inputs are kept for replay
     """
 
-    def __init__(self, model: ExportedModel, device_id: str = "device", lr_head: float = 0.02,
+    def __init__(self, model: ExportedModel, device_id: str = "device", lr_head: float = 0.03,
                  lr_gate: float = 0.2, rms_decay: float = 0.99, lr_hidden: float = 0.0,
-                 hidden_frac: float = 0.25, alpha: float = 0.003, mix: float = 0.5, seed: int = 0):
+                 hidden_frac: float = 0.25, alpha: float = 0.003, mix: float = 0.5, replay: int = 16,
+                 replay_size: int = 32, seed: int = 0):
         check_name("device id", device_id)
         for name, v, lo, hi in (("lr_head", lr_head, 0.0, 10.0), ("lr_gate", lr_gate, 0.0, 10.0),
                                 ("rms_decay", rms_decay, 0.0, 0.9999), ("lr_hidden", lr_hidden, 0.0, 10.0),
                                 ("hidden_frac", hidden_frac, 1e-9, 1.0), ("alpha", alpha, 0.0, 1.0),
-                                ("mix", mix, 0.0, 1.0)):
+                                ("mix", mix, 0.0, 1.0), ("replay", replay, 0, 1000),
+                                ("replay_size", replay_size, 1, 100_000)):
             if not (isinstance(v, (int, float)) and lo <= v <= hi):
                 raise ValueError(f"{name} = {v!r}: expected a number in [{lo:g}, {hi:g}]")
         self.model = model
@@ -72,6 +80,8 @@ class FFLearner:
         self.hidden_frac = float(hidden_frac)
         self.alpha = float(alpha)
         self.mix = float(mix)
+        self.replay = int(replay)
+        self.replay_size = int(replay_size)
         self.seed = int(seed)
 
         m = model.manifest
@@ -94,6 +104,10 @@ class FFLearner:
         self.vP_ = np.zeros(m.proto_shapes()[-1][0], np.float32)
         self.vg_ = np.zeros(self.sizes[-1], np.float32)
         self.head_steps_ = 0
+        # the last replay_size labelled head inputs (a ring) and how many were ever stored
+        self.replay_u_ = np.zeros((self.replay_size, m.proto_shapes()[-1][0][1]), np.float32)
+        self.replay_y_ = np.zeros(self.replay_size, np.int64)
+        self.replay_n_ = 0
         self.n_samples_ = 0
         self.prev_z_ = np.zeros(d, np.float32)
         self.has_prev_ = False
@@ -118,6 +132,8 @@ class FFLearner:
         self._h_names = [f"h{i}" for i in range(self.n_layers)]
         self._work = [np.zeros(s, np.float32) for s in hidden]
         self._thead = np.zeros(self.sizes[-1], np.float32)
+        self._ghead = np.zeros(self.sizes[-1], np.float32)
+        self._replay_counts = np.zeros(self.sizes[-1], np.float32)   # replay adds no samples to a delta
         _warm_up(hidden=self.lr_hidden > 0 and self.n_layers > 1)
 
 
@@ -202,6 +218,22 @@ class FFLearner:
                                self._lr_gate32, self._decay32, corr, self.counts_[-1])
             else:
                 _ff_update(h, logits, t, P, g, self._lr_head32, self.counts_[-1])
+            if self.replay > 0:
+                self._replay(h, label)
+
+    def _replay(self, h: np.ndarray, label: int) -> None:
+        """Replay `replay` stored labelled head inputs (drawn with replacement), then store this one."""
+        n = min(self.replay_n_, self.replay_size)
+        if n > 0:
+            picks = self.rng_.integers(0, n, self.replay)
+            P, g = self.protos_[-1]
+            self.head_steps_ = _ff_replay(self.replay_u_, self.replay_y_, picks, P, g, self.vP_, self.vg_,
+                                          self._lr_head32, self._lr_gate32, self._decay32,
+                                          self.head_steps_, self._replay_counts, self._ghead, self._thead)
+        slot = self.replay_n_ % self.replay_size
+        self.replay_u_[slot] = h
+        self.replay_y_[slot] = label
+        self.replay_n_ += 1
 
     # -- sync bookkeeping ----------------------------------------------------------------------
 
@@ -306,6 +338,8 @@ def _warm_up(hidden: bool = True) -> None:
     _ff_update(v, v, np.full(2, -1.0, np.float32), M, v.copy(), one, v.copy())
     _ff_update_rms(v, v, np.full(2, -1.0, np.float32), M, v.copy(), M.copy(), v.copy(), one, one,
                    np.float32(0.5), one, v.copy())
+    _ff_replay(M, np.zeros(2, np.int64), np.zeros(1, np.int64), M.copy(), v.copy(), M.copy(), v.copy(), one,
+               one, np.float32(0.5), 0, v.copy(), v.copy(), v.copy())
     if hidden:   # only then: each kernel costs a compile on a cold cache
         rows = np.zeros(2, np.int64)
         _ff_hidden_step(M, M, 1, M.copy(), v.copy(), one, v.copy(), rows, v.copy())

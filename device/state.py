@@ -9,10 +9,16 @@ JSON record (versions, sequence numbers, sample count, RNG state as ints).
 
 A device that pulled its model from the broker also keeps manifest.json, model.onnx and
 prototypes.npz here, so it restarts without the broker.
+
+Each save first makes the file it replaces (when its checksum holds) device-state.bin.prev, a hard
+link, so no extra write. The atomic replace already means a crash or SIGKILL never leaves a torn
+file; .prev is for a file damaged afterwards (a worn SD card, a stray truncate): load_state then
+warns and loads .prev, losing only the learning since that one save.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -24,9 +30,16 @@ from edge_spl.protocol import decode_delta, encode_delta
 
 from .learner import FFLearner
 
+log = logging.getLogger("edge_spl.device.state")
+
 STATE_FILE = "device-state.bin"
+PREV_FILE = STATE_FILE + ".prev"   # the save before the last one
 FORMAT = 1
 _MAGIC = b"EDGE-SPL-DEVICE-STATE"
+
+
+class _Damaged(Exception):
+    """The file is not what save_state wrote (empty, truncated, corrupt): try the previous save."""
 
 
 def state_path(state_dir: str) -> str:
@@ -35,7 +48,8 @@ def state_path(state_dir: str) -> str:
 
 def save_state(learner: FFLearner, state_dir: str) -> None:
     arrays = {"mean": learner.mean_, "var": learner.var_, "prev_z": learner.prev_z_,
-              "vP": learner.vP_, "vg": learner.vg_}
+              "vP": learner.vP_, "vg": learner.vg_,
+              "replay_u": learner.replay_u_, "replay_y": learner.replay_y_}
     for i, ((P, g), (bP, bg), c) in enumerate(zip(learner.protos_, learner.base_, learner.counts_)):
         arrays.update({f"P{i}": P, f"g{i}": g, f"bP{i}": bP, f"bg{i}": bg, f"counts{i}": c})
     for k, dlt in enumerate(learner.outstanding_):
@@ -48,6 +62,7 @@ def save_state(learner: FFLearner, state_dir: str) -> None:
         "next_seq": learner.next_seq_,
         "n_samples": learner.n_samples_,
         "head_steps": learner.head_steps_,
+        "replay_n": learner.replay_n_,
         "has_prev": learner.has_prev_,
         "n_outstanding": len(learner.outstanding_),
         "rng": learner.rng_.bit_generator.state,   # PCG64: plain (big) ints, JSON keeps them exact
@@ -55,36 +70,90 @@ def save_state(learner: FFLearner, state_dir: str) -> None:
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     body = pack_arrays(arrays)
     head = b"%s %d %s\n" % (_MAGIC, FORMAT, sha256_hex(body).encode())
-    atomic_write_bytes(state_path(state_dir), head + body)
+    path = state_path(state_dir)
+    _keep_previous(path)
+    atomic_write_bytes(path, head + body)
+
+
+def _keep_previous(path: str) -> None:
+    """Make PATH.prev the current PATH before PATH is replaced. A damaged PATH is not kept: it
+    would push out a good .prev."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        _check(data, path)
+    except (FileNotFoundError, _Damaged, ModelError):
+        return
+    prev = os.path.join(os.path.dirname(path), PREV_FILE)
+    # ".tmp-": what lock_folder sweeps, should a crash leave the link behind
+    tmp = os.path.join(os.path.dirname(path), f".tmp-prev-{os.getpid()}")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(path, tmp)
+        os.replace(tmp, prev)   # the folder is fsynced after the replace of PATH that follows
+    except OSError:             # no hard links here (FAT): a copy
+        atomic_write_bytes(prev, data)
 
 
 def load_state(learner: FFLearner, state_dir: str) -> bool:
-    """Restore `learner` from STATE_DIR. False when there is no saved state yet; ModelError when
-    the file is corrupt, truncated, or belongs to another model or device."""
+    """Restore `learner` from STATE_DIR. False when there is no saved state yet. A damaged
+    (corrupt, truncated) device-state.bin is logged and the previous save, .prev, loaded instead;
+    ModelError when both are damaged, or the state is of another format, model or device."""
     path = state_path(state_dir)
-    if not os.path.isfile(path):
+    prev = os.path.join(state_dir, PREV_FILE)
+    if not os.path.isfile(path) and not os.path.isfile(prev):
         return False
-    with open(path, "rb") as f:
-        data = f.read()
-    nl = data.find(b"\n")
-    parts = data[:nl].split(b" ") if 0 < nl < 200 else []
-    if len(parts) != 3 or parts[0] != _MAGIC:
-        raise ModelError(f"{path}: not an edge-spl device state file (delete it to start afresh)")
-    if parts[1] != str(FORMAT).encode():
-        raise ModelError(f"{path}: state format {parts[1].decode(errors='replace')}, this edge-spl reads {FORMAT}")
-    body = data[nl + 1:]
-    if sha256_hex(body).encode() != parts[2]:
-        raise ModelError(f"{path}: checksum mismatch, the state file is corrupt or truncated "
-                         f"(delete it to start afresh)")
     try:
-        arrays = unpack_arrays(body)
-        meta = json.loads(arrays["meta"].tobytes())
+        arrays, meta = _read(path)
+    except _Damaged as e:
+        if not os.path.isfile(prev):
+            raise ModelError(f"{path}: {e} (delete it to start afresh)") from None
+        try:
+            arrays, meta = _read(prev)
+        except _Damaged as e2:
+            raise ModelError(f"{path}: {e}; {prev}: {e2}; delete both to start afresh") from None
+        log.warning("%s: %s; loading the previous save %s instead (the learning since that save "
+                    "is lost)", path, e, prev)
+        path = prev
+    try:
         _restore(learner, arrays, meta, path)
     except ModelError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, ProtocolError) as e:
         raise ModelError(f"{path}: unreadable state ({type(e).__name__}: {e})") from None
     return True
+
+
+def _read(path: str) -> tuple[dict, dict]:
+    """The arrays and JSON record of a state file; _Damaged when it is not what save_state wrote."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise _Damaged("missing") from None
+    body = _check(data, path)
+    try:
+        arrays = unpack_arrays(body)
+        return arrays, json.loads(arrays["meta"].tobytes())
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise _Damaged(f"unreadable state ({type(e).__name__}: {e})") from None
+
+
+def _check(data: bytes, path: str) -> bytes:
+    """The body of a state file whose header and checksum hold."""
+    if not data:
+        raise _Damaged("empty file, the state file is truncated")
+    nl = data.find(b"\n")
+    parts = data[:nl].split(b" ") if 0 < nl < 200 else []
+    if len(parts) != 3 or parts[0] != _MAGIC:
+        raise _Damaged("not an edge-spl device state file, or one truncated in its header")
+    if parts[1] != str(FORMAT).encode():
+        raise ModelError(f"{path}: state format {parts[1].decode(errors='replace')}, this edge-spl reads {FORMAT}")
+    body = data[nl + 1:]
+    if sha256_hex(body).encode() != parts[2]:
+        raise _Damaged("checksum mismatch, the state file is corrupt or truncated")
+    return body
 
 
 def _restore(learner: FFLearner, arrays: dict, meta: dict, path: str) -> None:
@@ -113,6 +182,17 @@ def _restore(learner: FFLearner, arrays: dict, meta: dict, path: str) -> None:
     outstanding = [decode_delta(arrays[f"out{k}"].tobytes()) for k in range(int(meta["n_outstanding"]))]
     rng = np.random.default_rng()
     rng.bit_generator.state = meta["rng"]
+    # the replay buffer is a cache of recent labelled inputs: kept when it fits this learner's
+    # settings, else started afresh (a changed --replay-size is not an error)
+    ru, ry = arrays.get("replay_u"), arrays.get("replay_y")
+    replay_n = int(meta.get("replay_n", 0))
+    if (ru is None or ry is None or ru.shape != learner.replay_u_.shape or ry.shape != learner.replay_y_.shape
+            or ry.dtype != np.int64):
+        ru, ry, replay_n = None, None, 0
+    else:
+        ru = get("replay_u", learner.replay_u_)
+        if replay_n < 0 or np.any((ry < 0) | (ry >= learner.sizes[-1])):
+            raise ModelError(f"{path}: replay labels or count out of range")
 
     # in place: the session is fed these very arrays
     for (P, g), (sP, sg) in zip(learner.protos_, protos):
@@ -126,6 +206,12 @@ def _restore(learner: FFLearner, arrays: dict, meta: dict, path: str) -> None:
     learner.vP_[...] = vP
     learner.vg_[...] = vg
     learner.head_steps_ = int(meta["head_steps"])
+    if ru is not None:
+        learner.replay_u_[...] = ru
+        learner.replay_y_[...] = ry
+    else:
+        learner.replay_u_[...] = 0.0
+    learner.replay_n_ = replay_n
     learner.base_ = base
     learner.outstanding_ = outstanding
     learner.base_version_ = int(meta["base_version"])

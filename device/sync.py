@@ -21,8 +21,9 @@ import paho.mqtt.client as mqtt
 from edge_spl.errors import EdgeSplError, ModelError, ProtocolError
 from edge_spl.files import sha256_hex
 from edge_spl.manifest import ExportedModel, Manifest
-from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, PrototypeDelta, Release, Topics, decode_ack,
-                               decode_release, encode_delta, status_payload)
+from edge_spl.mqtt_auth import MqttAuth, connect_error, refusal
+from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, PrototypeDelta, Release, Topics, Verifier,
+                               decode_ack, decode_release, encode_delta, status_payload)
 
 log = logging.getLogger("edge_spl.device.sync")
 MAX_QUEUED = 1000          # acks waiting for the main loop; more are dropped (and counted)
@@ -33,12 +34,18 @@ MAX_ACK_BYTES = 4096
 class Event:
     kind: str          # "manifest" | "onnx" | "release" | "ack"
     value: object      # Manifest | bytes | Release | dict
+    sha256: str = ""   # of a manifest: the hash of the JSON as received (a release names it)
 
 
 class DeviceSync:
     def __init__(self, host: str, port: int, fleet: str, device_id: str,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD):
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, auth: MqttAuth | None = None,
+                 verify_key: Verifier | None = None):
         self.host, self.port = host, port
+        # with a key, a release not signed by it is rejected like one that does not decode, so
+        # neither the main loop nor pull_model() ever sees it
+        self.verify_key = verify_key
+        self.auth = auth or MqttAuth()
         self.topics = Topics(fleet)
         self.device_id = device_id
         self.max_payload = max_payload
@@ -51,6 +58,8 @@ class DeviceSync:
         self.messages_received = self.bytes_received = 0
         self.rejected = 0
         self.refused: str | None = None   # the broker's reason when it refused the connection
+        self.closed_unanswered = False    # the broker hung up before any CONNACK (a TLS port?)
+        self.started = False              # start() succeeded
         self.version = -1       # reported in the status message
         self.samples = 0
         self.outbox = 0
@@ -58,6 +67,7 @@ class DeviceSync:
                         protocol=mqtt.MQTTv311, clean_session=True)
         c.will_set(self.topics.status(device_id), status_payload(device_id, False), qos=1, retain=True)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.auth.apply(c)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -67,8 +77,9 @@ class DeviceSync:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            self.refused = str(reason_code)
-            log.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
+            self.refused = refusal(reason_code)
+            if self.started:   # before, start() raises with the reason: no second line
+                log.warning("broker %s:%d refused the connection: %s", self.host, self.port, self.refused)
             return
         t = self.topics
         client.subscribe([(t.manifest, 1), (t.onnx, 1), (t.release, 1), (t.ack(self.device_id), 1)])
@@ -78,8 +89,11 @@ class DeviceSync:
         log.info("connected to %s:%d (fleet %s)", self.host, self.port, t.fleet)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        was_up = self.connected.is_set()
+        if not was_up and self.refused is None:
+            self.closed_unanswered = True
         self.connected.clear()
-        if reason_code != 0:
+        if reason_code != 0 and (was_up or self.started):
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg):
@@ -118,18 +132,32 @@ class DeviceSync:
             try:
                 self.client.connect(self.host, self.port, keepalive=30)
                 break
-            except (OSError, ValueError) as e:   # refused, unreachable, unresolvable, timeout
-                last = e
+            except (OSError, ValueError) as e:   # refused, unreachable, unresolvable, timeout, TLS
+                last, permanent = connect_error(e, self.auth.tls)
+                if permanent:
+                    raise EdgeSplError(f"cannot connect to MQTT broker {self.host}:{self.port}: "
+                                       f"{last}") from None
             if time.monotonic() >= deadline:
-                raise EdgeSplError(f"cannot reach MQTT broker {self.host}:{self.port} "
-                                   f"({getattr(last, 'strerror', None) or last})")
+                raise EdgeSplError(f"cannot reach MQTT broker {self.host}:{self.port} ({last})")
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         self.client.loop_start()
-        if not self.connected.wait(max(0.5, deadline - time.monotonic())):
+        answer_by = max(deadline, time.monotonic() + 0.5)
+        # a refusal (bad credentials) does not heal by waiting: give up at once
+        while not self.connected.wait(0.05) and self.refused is None and time.monotonic() < answer_by:
+            pass
+        if not self.connected.is_set():
             self.close(publish_offline=False)
-            why = (f"it refused the connection: {self.refused}" if self.refused
-                   else f"no CONNACK within {wait:g} s")
-            raise EdgeSplError(f"cannot reach MQTT broker {self.host}:{self.port} ({why})")
+            where = f"MQTT broker {self.host}:{self.port}"
+            if self.refused:
+                raise EdgeSplError(f"{where} refused the connection: {self.refused}")
+            if self.closed_unanswered:
+                hint = ("; if that port speaks TLS, give --tls-ca" if not self.auth.tls else
+                        "; does it require a client certificate (--tls-cert, --tls-key)?"
+                        if self.auth.tls_cert is None else "")
+                raise EdgeSplError(f"{where} closed the connection without answering within {wait:g} s"
+                                   f"{hint}")
+            raise EdgeSplError(f"cannot reach {where} (no CONNACK within {wait:g} s)")
+        self.started = True
 
     def poll(self, timeout: float = 0.0) -> list[Event]:
         """Decode what has arrived (waiting up to `timeout` for the first message)."""
@@ -159,9 +187,9 @@ class DeviceSync:
         t = self.topics
         try:
             if topic == t.release:
-                return Event("release", decode_release(payload, self.max_payload))
+                return Event("release", decode_release(payload, self.max_payload, self.verify_key))
             if topic == t.manifest:
-                return Event("manifest", Manifest.from_json(payload))
+                return Event("manifest", Manifest.from_json(payload), sha256_hex(payload))
             if topic == t.onnx:
                 return Event("onnx", payload)
             if topic == t.ack(self.device_id):
@@ -194,20 +222,25 @@ class DeviceSync:
 
     def pull_model(self, wait: float) -> tuple[ExportedModel, Release]:
         """The fleet's model from its retained messages: manifest and ONNX (checked against the
-        manifest's sha256), then a release of that model's prototypes."""
+        manifest's sha256), then a release of that model's prototypes. A release that names its
+        manifest's sha256 takes only that manifest; with a verify key the release must be signed
+        (poll() drops any other) and name it, so everything pulled is covered by the signature."""
         deadline = time.monotonic() + wait
         manifest = onnx = release = None
+        manifest_sha = ""
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = [n for n, v in (("manifest", manifest), ("onnx", onnx), ("release", release))
                            if v is None]
+                why = (f"missing {', '.join(missing)}" if missing else
+                       "manifest, ONNX and release do not match")
                 raise EdgeSplError(f"no model on MQTT broker {self.host}:{self.port} fleet "
-                                   f"{self.topics.fleet!r} within {wait:g} s (missing {', '.join(missing)}): "
+                                   f"{self.topics.fleet!r} within {wait:g} s ({why}): "
                                    f"start the server or give --model")
             for ev in self.poll(timeout=min(left, 0.5)):
                 if ev.kind == "manifest":
-                    manifest = ev.value
+                    manifest, manifest_sha = ev.value, ev.sha256
                 elif ev.kind == "onnx":
                     onnx = ev.value
                 elif ev.kind == "release":
@@ -218,6 +251,14 @@ class DeviceSync:
                 continue   # one of the two is being replaced; the matching one follows
             if release is None or release.model_sha256 != manifest.onnx_sha256:
                 continue
+            if self.verify_key is not None and not release.manifest_sha256:
+                self.rejected += 1
+                log.warning("release v%d is signed but names no manifest: its standardisation and "
+                            "class names would be unchecked; waiting for another", release.version)
+                release = None
+                continue
+            if release.manifest_sha256 and release.manifest_sha256 != manifest_sha:
+                continue   # not the manifest the release names: that one follows, or is forged
             model = ExportedModel(manifest, onnx, [(P.copy(), g.copy()) for P, g in release.protos])
             try:
                 manifest.check_prototypes(model.protos)

@@ -11,16 +11,20 @@ import numpy as np
 
 from .errors import EdgeSplError
 
+TEMP_PREFIX = ".tmp-"   # atomic_write_bytes' temp files; lock_folder sweeps dead ones
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, never a
-    mix: temp file in the same folder, fsync, rename, fsync the folder."""
+    mix: temp file in the same folder, fsync, rename, fsync the folder. `mode` (e.g. 0o600 for a
+    private key) is set before any byte is written; default: the usual mode under the umask."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual file mode
+        # mkstemp makes 0600; give the usual file mode unless asked for another
+        os.fchmod(fd, (0o666 & ~_umask()) if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -45,7 +49,9 @@ LOCK_FILE = ".lock"
 def lock_folder(folder: str | os.PathLike, who: str):
     """Hold an exclusive lock on FOLDER/.lock until the returned file is closed (or the process
     ends, however it ends: the OS drops the lock). Two processes on one state folder would
-    overwrite each other's state; the second one gets a one-line error instead."""
+    overwrite each other's state; the second one gets a one-line error instead. The temp files
+    of atomic_write_bytes that a crashed holder left behind are removed: only the holder writes
+    there, so they are dead, and a device killed often would otherwise fill its disk with them."""
     import fcntl
 
     path = os.path.join(os.fspath(folder), LOCK_FILE)
@@ -59,6 +65,12 @@ def lock_folder(folder: str | os.PathLike, who: str):
         f.close()
         raise EdgeSplError(f"{os.fspath(folder)} is in use by another {who} (it holds {path}); "
                            f"stop that one first, or use another folder") from None
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
     return f
 
 

@@ -7,6 +7,13 @@ Nothing else builds a topic string or a payload. Binary payloads are an envelope
 where the header is UTF-8 JSON (its `body_sha256` checks the body) and the body an .npz of plain
 arrays (never pickle). Every payload is size-checked on encode and on decode.
 
+A signed release is one more envelope around the unsigned one:
+
+    b"ESPL" | 3 | format | header length | {"alg": "ed25519", "key_id", "signature"} | release payload
+
+and the Ed25519 signature covers RELEASE_SIGNING_CONTEXT + the whole inner release payload, byte
+for byte: everything a device reads from it is signed, and nothing needs re-encoding to check.
+
 Topics, under `edge-spl/<fleet>/`:
     model/manifest     retained  manifest JSON (shapes, standardisation, class names, ONNX sha256)
     model/onnx         retained  the ONNX file's bytes
@@ -22,6 +29,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -33,6 +41,14 @@ FORMAT = 1
 MAGIC = b"ESPL"
 KIND_DELTA = 1
 KIND_RELEASE = 2
+KIND_SIGNED_RELEASE = 3
+SIGNATURE_ALG = "ed25519"
+# Signed before the release payload, so a signature made over anything else never passes as one
+# over a release.
+RELEASE_SIGNING_CONTEXT = b"edge-spl release signature v1\x00"
+_KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+_SIGNATURE_RE = re.compile(r"^[0-9a-f]{128}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # mosquitto accepts up to 256 MB by default but brokers are often set lower; a delta or release
 # of the demo model is ~0.5 MB, the ONNX file ~1 MB.
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
@@ -111,7 +127,8 @@ def _encode(kind: int, header: dict, arrays: dict, max_bytes: int) -> bytes:
     return out
 
 
-def _decode(kind: int, payload: bytes, max_bytes: int) -> tuple[dict, dict]:
+def _open(payload: bytes, max_bytes: int, kinds: tuple[int, ...]) -> tuple[int, bytes, bytes]:
+    """(kind, header bytes, body) of an envelope of one of these kinds."""
     if len(payload) > max_bytes:
         raise ProtocolError(f"payload is {len(payload)} bytes, over the {max_bytes}-byte limit")
     if len(payload) < _HEAD.size:
@@ -121,12 +138,16 @@ def _decode(kind: int, payload: bytes, max_bytes: int) -> tuple[dict, dict]:
         raise ProtocolError("not an edge-spl payload (bad magic)")
     if fmt != FORMAT:
         raise ProtocolError(f"payload format {fmt}, this edge-spl speaks {FORMAT}")
-    if k != kind:
-        raise ProtocolError(f"payload kind {k}, expected {kind}")
+    if k not in kinds:
+        raise ProtocolError(f"payload kind {k}, expected {' or '.join(map(str, kinds))}")
     if _HEAD.size + hlen > len(payload):
         raise ProtocolError("header length runs past the payload")
-    header = _json_object(payload[_HEAD.size:_HEAD.size + hlen], "header")
-    body = payload[_HEAD.size + hlen:]
+    return k, payload[_HEAD.size:_HEAD.size + hlen], payload[_HEAD.size + hlen:]
+
+
+def _decode(kind: int, payload: bytes, max_bytes: int) -> tuple[dict, dict]:
+    _, h, body = _open(payload, max_bytes, (kind,))
+    header = _json_object(h, "header")
     if header.get("body_sha256") != sha256_hex(body):
         raise ProtocolError("body checksum mismatch")
     try:
@@ -253,19 +274,88 @@ class Release:
     protos: list[tuple[np.ndarray, np.ndarray]]
     merged: dict[str, int] = field(default_factory=dict)   # device -> highest seq merged so far
     created: float = 0.0
+    # sha256 of the manifest JSON the server publishes: with a signed release, a device that pulls
+    # its model takes only that manifest (its standardisation and class names are not in the ONNX
+    # file the model sha256 names). "" = not stated (older servers).
+    manifest_sha256: str = ""
 
 
-def encode_release(r: Release, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> bytes:
+class Signer(Protocol):
+    """Signs release payloads (edge_spl.signing.SigningKey)."""
+    key_id: str
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+class Verifier(Protocol):
+    """Checks release signatures (edge_spl.signing.VerifyKey)."""
+    key_id: str
+
+    def verify(self, message: bytes, signature: bytes) -> bool: ...
+
+
+def encode_release(r: Release, max_bytes: int = DEFAULT_MAX_PAYLOAD, signer: Signer | None = None) -> bytes:
+    """The release payload; with `signer`, wrapped with its signature (sign_release_payload)."""
     arrays = {}
     for i, (P, g) in enumerate(r.protos):
         arrays[f"P{i}"] = np.asarray(P, np.float32)
         arrays[f"g{i}"] = np.asarray(g, np.float32)
     header = {"version": int(r.version), "model_sha256": r.model_sha256, "n_layers": len(r.protos),
               "merged": {k: int(v) for k, v in r.merged.items()}, "created": float(r.created)}
-    return _encode(KIND_RELEASE, header, arrays, max_bytes)
+    if r.manifest_sha256:
+        header["manifest_sha256"] = r.manifest_sha256
+    payload = _encode(KIND_RELEASE, header, arrays, max_bytes)
+    return payload if signer is None else sign_release_payload(payload, signer, max_bytes)
 
 
-def decode_release(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Release:
+def sign_release_payload(payload: bytes, signer: Signer, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> bytes:
+    """Wrap an unsigned release payload in the signed envelope (see the module docstring)."""
+    _open(payload, max_bytes, (KIND_RELEASE,))      # only a release gets signed, never a wrapper
+    signature = bytes(signer.sign(RELEASE_SIGNING_CONTEXT + payload))
+    key_id = str(signer.key_id)
+    if not _KEY_ID_RE.match(key_id) or len(signature) != 64:
+        raise ValueError(f"signer {signer!r} gave key id {key_id!r} and a {len(signature)}-byte "
+                         f"signature; expected 16 hex digits and 64 bytes (Ed25519)")
+    h = encode_json({"alg": SIGNATURE_ALG, "key_id": key_id, "signature": signature.hex()})
+    out = _HEAD.pack(MAGIC, KIND_SIGNED_RELEASE, FORMAT, len(h)) + h + payload
+    if len(out) > max_bytes:
+        raise ProtocolError(f"payload is {len(out)} bytes, over the {max_bytes}-byte limit")
+    return out
+
+
+def _signed_inner(h: bytes, inner: bytes, verifier: Verifier | None) -> bytes:
+    """The release payload inside a signed envelope; with `verifier`, only when its key signed
+    exactly these bytes."""
+    sig = _json_object(h, "signature header")
+    if set(sig) != {"alg", "key_id", "signature"}:
+        raise ProtocolError("signature header must hold exactly alg, key_id and signature")
+    alg = _field(sig, "alg", str)
+    if alg != SIGNATURE_ALG:
+        raise ProtocolError(f"signature algorithm {alg[:20]!r}, expected {SIGNATURE_ALG!r}")
+    key_id = _field(sig, "key_id", str)
+    signature = _field(sig, "signature", str)
+    if not _KEY_ID_RE.match(key_id) or not _SIGNATURE_RE.match(signature):
+        raise ProtocolError("signature header: key_id must be 16 and signature 128 hex digits")
+    if verifier is not None:
+        if key_id != verifier.key_id:
+            raise ProtocolError(f"release signed by key {key_id}, not by the trusted key {verifier.key_id}")
+        if not verifier.verify(RELEASE_SIGNING_CONTEXT + inner, bytes.fromhex(signature)):
+            raise ProtocolError(f"release signature of key {key_id} does not verify (forged or altered)")
+    return inner
+
+
+def decode_release(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD,
+                   verifier: Verifier | None = None) -> Release:
+    """A release, signed or not. With `verifier`, only one signed by its key: an unsigned release,
+    one signed by another key, or one whose signature does not cover exactly its bytes is a
+    ProtocolError (checked before the release itself is unpacked). Without, the signature of a
+    signed release is not checked."""
+    kind, h, body = _open(payload, max_bytes, (KIND_RELEASE, KIND_SIGNED_RELEASE))
+    if kind == KIND_SIGNED_RELEASE:
+        payload = _signed_inner(h, body, verifier)
+    elif verifier is not None:
+        raise ProtocolError(f"release is not signed (only releases signed by key {verifier.key_id} "
+                            f"are accepted)")
     header, arrays = _decode(KIND_RELEASE, payload, max_bytes)
     version = _counter(header, "version")
     sha = _field(header, "model_sha256", str)
@@ -286,7 +376,10 @@ def decode_release(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Rele
         if not (np.all(np.isfinite(P)) and np.all(np.isfinite(g))):
             raise ProtocolError(f"layer {i}: non-finite values")
         protos.append((P, g))
-    return Release(version, sha, protos, dict(merged), float(created))
+    manifest_sha = header.get("manifest_sha256", "")
+    if not isinstance(manifest_sha, str) or manifest_sha and not _SHA256_RE.match(manifest_sha):
+        raise ProtocolError("header field 'manifest_sha256' is not a sha256")
+    return Release(version, sha, protos, dict(merged), float(created), manifest_sha)
 
 
 # -- small JSON messages ----------------------------------------------------------------------

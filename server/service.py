@@ -18,10 +18,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_spl.errors import EdgeSplError, ModelError, ProtocolError
-from edge_spl.files import atomic_write_bytes, lock_folder
+from edge_spl.files import atomic_write_bytes, lock_folder, sha256_hex
 from edge_spl.manifest import ExportedModel
-from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, Release, Topics, ack_payload, decode_delta,
-                               encode_release)
+from edge_spl.mqtt_auth import MqttAuth, connect_error, refusal
+from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, Release, Signer, Topics, ack_payload,
+                               decode_delta, encode_release)
 
 from . import merge
 from .store import DB_FILE, SQLiteStore, StoredVersion
@@ -55,7 +56,8 @@ class Stats:
 class Server:
     def __init__(self, broker: tuple[str, int], model_dir: str, state_dir: str, fleet: str = "default",
                  merge_every: float = 1.0, max_row_norm: float = merge.DEFAULT_MAX_ROW_NORM,
-                 connect_timeout: float = 30.0, max_payload: int = DEFAULT_MAX_PAYLOAD):
+                 connect_timeout: float = 30.0, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 signing_key: Signer | None = None, auth: MqttAuth | None = None):
         if not 0 < merge_every < 1e9:
             raise EdgeSplError(f"merge interval must be a positive number of seconds, got {merge_every}")
         self.broker = broker
@@ -79,10 +81,12 @@ class Server:
         try:
             self.store = SQLiteStore(os.path.join(state_dir, DB_FILE), self.model.manifest, self.model.protos)
             self.current: StoredVersion = self.store.latest()
+            _check_not_behind(os.path.join(state_dir, STATS_FILE), self.store.path, self.current.version)
         except BaseException:
             self._lock.close()
             raise
         self.stats = Stats(version=self.current.version)
+        self.signing_key = signing_key     # signs every release, the republish on reconnect too
         self._release_payload = self._encode_release(self.current)
 
         self._inbox: queue.Queue[tuple[str, bytes | None, int]] = queue.Queue()
@@ -92,6 +96,7 @@ class Server:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._connect_refused: str | None = None
+        self._connected_once = False
         # on_connect (network thread) and a round (owner thread) both publish the release; the
         # lock keeps a reconnect from re-publishing an older version after a newer one
         self._publish_lock = threading.RLock()
@@ -106,6 +111,8 @@ class Server:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.auth = auth or MqttAuth()
+        self.auth.apply(self._client)
 
     @property
     def version(self) -> int:
@@ -115,8 +122,9 @@ class Server:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            self._connect_refused = str(reason_code)
-            log.error("broker refused the connection: %s", reason_code)
+            self._connect_refused = refusal(reason_code)
+            if self._connected_once:   # before, connect() raises with the reason: no second line
+                log.error("broker refused the connection: %s", self._connect_refused)
             return
         self._connect_refused = None
         client.subscribe(self.topics.all_deltas, qos=1)
@@ -125,11 +133,12 @@ class Server:
             self._publish(self.topics.onnx, self.model.onnx_bytes, retain=True)
             self._publish(self.topics.release, self._release_payload, retain=True)
         self._connected.set()
+        self._connected_once = True
         log.debug("connected to %s:%d, subscribed to %s", *self.broker, self.topics.all_deltas)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._connected.clear()
-        if not self._stop.is_set():
+        if not self._stop.is_set() and self._connected_once:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg):
@@ -160,6 +169,9 @@ class Server:
                 self._client.connect(host, port, keepalive=30)
                 break
             except (OSError, ValueError) as e:
+                why, permanent = connect_error(e, self.auth.tls)
+                if permanent:   # a failed TLS handshake
+                    raise EdgeSplError(f"cannot connect to MQTT broker {host}:{port}: {why}") from None
                 if time.monotonic() + delay > deadline:
                     raise EdgeSplError(f"cannot reach MQTT broker {host}:{port}: {e}") from None
                 log.info("broker %s:%d not reachable (%s); retrying in %.1fs", host, port, e, delay)
@@ -170,12 +182,16 @@ class Server:
         self._client.loop_start()
         answer_by = max(deadline, time.monotonic() + 1.0)
         while not self._connected.wait(0.1):
-            if self._stop.is_set() or time.monotonic() > answer_by:
+            # a refusal (bad credentials) does not heal by waiting: give up at once
+            if self._stop.is_set() or self._connect_refused or time.monotonic() > answer_by:
                 self._client.loop_stop()
                 if self._stop.is_set():
                     raise KeyboardInterrupt
-                why = self._connect_refused or "no answer to CONNECT"
-                raise EdgeSplError(f"cannot reach MQTT broker {host}:{port}: {why}")
+                if self._connect_refused:
+                    raise EdgeSplError(f"MQTT broker {host}:{port} refused the connection: "
+                                       f"{self._connect_refused}")
+                hint = "" if self.auth.tls else "; if that port speaks TLS, give --tls-ca"
+                raise EdgeSplError(f"cannot reach MQTT broker {host}:{port}: no answer to CONNECT{hint}")
         log.info("serving model %s (%s) version %d on %s:%d fleet %s", self.model.manifest.model_id,
                  self.model.manifest.onnx_sha256[:12], self.version, host, port, self.topics.fleet)
         self._write_stats()
@@ -354,7 +370,8 @@ class Server:
 
     def _encode_release(self, v: StoredVersion) -> bytes:
         return encode_release(Release(v.version, self.model.manifest.onnx_sha256, v.protos,
-                                      dict(v.merged), v.created), self.max_payload)
+                                      dict(v.merged), v.created, sha256_hex(self.model.manifest.to_json())),
+                              self.max_payload, self.signing_key)
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         with self._publish_lock:
@@ -372,6 +389,22 @@ class Server:
         self.stats.version = self.version
         atomic_write_bytes(os.path.join(self.state_dir, STATS_FILE),
                            json.dumps(asdict(self.stats), indent=1, sort_keys=True).encode())
+
+
+def _check_not_behind(stats_path: str, db_path: str, version: int) -> None:
+    """stats.json is rewritten after each version is stored, so it never names a newer one than
+    the database holds, unless the database lost stored versions (a truncated or replaced file, a
+    lost -wal). Going on would publish version numbers the devices already have: they would
+    refuse every release from then on."""
+    try:
+        with open(stats_path, "rb") as f:
+            published = json.loads(f.read()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return    # no stats yet, or unreadable: nothing to compare with
+    if isinstance(published, int) and published > version:
+        raise ModelError(f"{db_path} holds versions up to {version}, but this server already "
+                         f"published version {published} ({stats_path}): the database lost versions; "
+                         f"restore it from a backup, or delete both files to start a new version history")
 
 
 def _published(info: mqtt.MQTTMessageInfo) -> bool:

@@ -20,6 +20,7 @@ from edge_spl.files import pack_arrays, unpack_arrays
 from edge_spl.manifest import Manifest, protos_from_arrays, protos_to_arrays
 
 DB_FILE = "server.db"
+MIN_DB_BYTES = 512    # SQLite's smallest page: every database it wrote is at least one
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -58,6 +59,10 @@ class Store:
     def latest(self) -> StoredVersion:
         raise NotImplementedError
 
+    def get(self, version: int) -> StoredVersion:
+        """Stored version `version` (a ModelError when there is none)."""
+        raise NotImplementedError
+
     def is_merged(self, device: str, seq: int) -> bool:
         raise NotImplementedError
 
@@ -91,6 +96,12 @@ class SQLiteStore(Store):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         except OSError as e:
             raise ModelError(f"{path}: cannot create its folder ({e.strerror})") from None
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size is not None and size < MIN_DB_BYTES:
+            # SQLite takes a file shorter than its header for a new database: a truncated
+            # server.db would silently start the version history again at 0
+            raise ModelError(f"{path} is {size} bytes long, a truncated server database; restore it "
+                             f"from a backup, or delete it to start a new version history")
         try:
             # The server loop is the only user, but it may run in another thread than the one that
             # opened the store (tests, a future thread pool); sqlite3 serialises access itself.
@@ -145,10 +156,24 @@ class SQLiteStore(Store):
             self._db.execute("ROLLBACK")
             raise
 
+    _COLUMNS = "version, parent, created, model_sha256, protos, merged, n_deltas"
+
     def latest(self) -> StoredVersion:
-        row = self._db.execute(
-            "SELECT version, parent, created, model_sha256, protos, merged, n_deltas "
-            "FROM versions ORDER BY version DESC LIMIT 1").fetchone()
+        try:
+            row = self._db.execute(f"SELECT {self._COLUMNS} FROM versions ORDER BY version DESC LIMIT 1").fetchone()
+        except sqlite3.DatabaseError as e:   # a damaged page under the newest version's row
+            raise ModelError(f"{self.path}: not a readable server database ({e})") from None
+        return self._version(row)
+
+    def get(self, version: int) -> StoredVersion:
+        row = self._db.execute(f"SELECT {self._COLUMNS} FROM versions WHERE version = ?",
+                               (int(version),)).fetchone()
+        if row is None:
+            first, last = self._db.execute("SELECT MIN(version), MAX(version) FROM versions").fetchone()
+            raise ModelError(f"{self.path} has no version {version} (it holds {first}..{last})")
+        return self._version(row)
+
+    def _version(self, row) -> StoredVersion:
         version, parent, created, sha, blob, merged, n_deltas = row
         try:
             protos = protos_from_arrays(unpack_arrays(blob), self.manifest.n_layers)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_spl.device.kernels import (RMS_EPS, SD_FLOOR, _ema_standardize, _ff_hidden_step, _ff_update,
+from edge_spl.device.kernels import (RMS_EPS, SD_FLOOR, _ema_standardize, _ff_hidden_step, _ff_replay, _ff_update,
                                     _ff_update_pair, _ff_update_rms, _top_rows, ema_standardize,
                                     ff_update, ff_update_batch, ff_update_rms, ff_update_rms_batch, var_floor)
 from edge_spl.spl import Z_CLIP, standardize
@@ -239,6 +239,37 @@ def test_ff_update_rms_matches_numpy(seed, d_out, d_in, decay, steps):
         ff_update_rms(h, G, target, P, g, vP, vg, 0.02, 0.2, decay, corr, counts)
     for got, w in zip((P, g, vP, vg, counts), want):
         np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.99])
+def test_ff_replay_matches_numpy(decay):
+    """Replay = the head FF step on each stored input in turn, routing recomputed each time."""
+    rng = np.random.default_rng(5)
+    C, d, n = 4, 9, 6
+    U = rng.standard_normal((n, d)).astype(f32)
+    Y = rng.integers(0, C, n)
+    picks = rng.integers(0, n, 12)
+    P, g = rng.standard_normal((C, d)).astype(f32), rng.standard_normal(C).astype(f32)
+    vP, vg, counts = (np.abs(rng.standard_normal((C, d))).astype(f32) * 0.01,
+                      np.abs(rng.standard_normal(C)).astype(f32) * 0.01, np.zeros(C, f32))
+    want = [a.astype(np.float64) for a in (P, g, vP, vg, counts)]
+    steps = 7
+    for i in picks:
+        wP, wg, wvP, wvg, wc = want
+        G = U[i] @ wP.T / np.sqrt(d) - wg
+        t = np.eye(C)[Y[i]]
+        if decay > 0:
+            steps += 1
+            want = ff_rms_twin(U[i], G, t, wP, wg, wvP, wvg, 0.03, 0.2, decay, 1 - decay ** steps, wc)
+        else:
+            wP, wg, wc = ff_twin(U[i], G, t, wP, wg, 0.03, wc)
+            want = [wP, wg, wvP, wvg, wc]
+    got_steps = _ff_replay(U, Y, picks, P, g, vP, vg, f32(0.03), f32(0.2), f32(decay), 7, counts,
+                           np.zeros(C, f32), np.zeros(C, f32))
+    assert got_steps == (7 + len(picks) if decay > 0 else 7)
+    for got, w in zip((P, g, vP, vg, counts), want):
+        np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-5)
+    assert np.all(counts == len(picks))
 
 
 def test_ff_update_rms_first_step_moves_each_touched_parameter_by_about_lr():

@@ -325,3 +325,19 @@ def test_without_labels_or_adaptation_the_learner_is_the_frozen_model_on_occupan
     got = np.array([learner.step(x)[0] for x in X])
     assert np.array_equal(got, want)
     np.testing.assert_array_equal(learner.var_, np.square(np.asarray(state.std, f32)))
+
+
+def test_replay_adds_no_samples_and_a_changed_buffer_size_restarts_it(tiny, tmp_path):
+    _, exported = tiny
+    a = FFLearner(exported, device_id="dev1", replay=8, replay_size=5)
+    data = list(stream(30, seed=6))
+    for x, y in data:
+        a.step(x, y)
+    assert a.replay_n_ == 30 and sorted(a.replay_y_) == sorted(y for _, y in data[-5:])
+    assert np.all(a.counts_[-1] == 30)                       # 30 samples, not 30 + 29 * 8 steps
+    save_state(a, str(tmp_path))
+    b = FFLearner(exported, device_id="dev1", replay=8, replay_size=7)
+    assert load_state(b, str(tmp_path))
+    assert b.replay_n_ == 0 and b.n_samples_ == 30           # the cache restarts, the rest is kept
+    for (P, g), (Q, h) in zip(a.protos_, b.protos_):
+        np.testing.assert_array_equal(P, Q)

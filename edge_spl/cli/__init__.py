@@ -18,6 +18,7 @@ COMMANDS = {
     "export": ("export", "train"),
     "device": ("device", "device"),
     "server": ("server", "server"),
+    "keys": ("keys", "server"),
     "demo": ("demo", "demo"),
     "broker": ("broker", "demo"),
     "bench": ("bench", "bench"),
@@ -67,6 +68,16 @@ def positive_seconds(text: str) -> float:
     return v
 
 
+def positive_minutes(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
+    if not 0.01 <= v < 1e6:    # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of minutes, at least 0.01")
+    return v
+
+
 def port_number(text: str) -> int:
     try:
         v = int(text)
@@ -94,6 +105,32 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return v
+
+
+def add_broker_auth(p: argparse.ArgumentParser) -> None:
+    """The broker's credentials and TLS, the same for every command that connects
+    (edge_spl.mqtt_auth.MqttAuth.from_args reads them; docs/mosquitto.md sets up a broker)."""
+    g = p.add_argument_group("broker login and TLS (docs/mosquitto.md)")
+    g.add_argument("--username", metavar="NAME",
+                   help="MQTT user name (a device's is its --id, which the fleet ACL expects)")
+    g.add_argument("--password-file", metavar="FILE",
+                   help="file holding the MQTT password (less a trailing newline); or set "
+                        "$EDGE_SPL_MQTT_PASSWORD. Never on the command line")
+    g.add_argument("--tls-ca", metavar="FILE",
+                   help="connect with TLS and trust the broker certificate this CA (PEM) signed; "
+                        "the host name in --broker must match the certificate")
+    g.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), for brokers that require one")
+    g.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM, unencrypted)")
+
+
+def version_number(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number") from None
+    if not 0 <= v <= 2**53:
+        raise argparse.ArgumentTypeError(f"{text!r}: a version number is 0 or more")
     return v
 
 
@@ -145,22 +182,66 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--predictions", metavar="FILE", help="also write index,prediction,label,version CSV here")
     d.add_argument("--quiet", action="store_true", help="a running summary instead of a line per sample")
     d.add_argument("--wait", type=seconds, default=30.0, metavar="SEC", help="how long to wait for the broker and model (default 30)")
-    d.add_argument("--lr-head", type=float, default=0.02, metavar="LR",
-                   help="step size of the label-driven FF on the class prototypes (default 0.02; 0 = off)")
+    d.add_argument("--lr-head", type=float, default=0.03, metavar="LR",
+                   help="step size of the label-driven FF on the class prototypes (default 0.03; 0 = off)")
     d.add_argument("--lr-gate", type=float, default=0.2, metavar="LR",
                    help="step size of the class gates in that step (default 0.2)")
     d.add_argument("--lr-hidden", type=float, default=0.0, metavar="LR",
                    help="step size of the unsupervised FF on hidden layers (default 0 = off)")
+    d.add_argument("--verify-key", metavar="FILE",
+                   help="adopt only releases signed by this Ed25519 public key (release.pub of "
+                        "`edge-spl keys`); unsigned or mis-signed ones are refused and counted")
+    d.add_argument("--replay", type=int, default=16, metavar="N",
+                   help="after each label, replay N head steps on recent labelled samples (default 16; 0 = off)")
+    add_broker_auth(d)
 
     s = sub.add_parser("server", help="merge device deltas and publish prototype versions (needs [server])",
+                       usage="edge-spl server --broker HOST:PORT --model MODEL_DIR --state DIR [options]\n"
+                             "       edge-spl server rollback --to VERSION --model MODEL_DIR --state DIR "
+                             "[--broker HOST:PORT] [options]",
                        description="Publish the model and prototype versions (retained), validate and "
                                    "merge device deltas weighted by sample counts, keep every version in "
-                                   "SQLite under --state. Stops on Ctrl-C / SIGTERM.")
-    s.add_argument("--broker", type=broker_address, required=True, metavar="HOST:PORT")
-    s.add_argument("--model", required=True, metavar="MODEL_DIR", help="exported model folder")
-    s.add_argument("--state", required=True, metavar="DIR", help="folder for the version history (server.db)")
+                                   "SQLite under --state. Stops on Ctrl-C / SIGTERM. "
+                                   "`edge-spl server rollback --help`: go back to an earlier version.")
+    # not required=True: `server rollback` needs no --broker (main() checks them for serving)
+    s.add_argument("--broker", type=broker_address, metavar="HOST:PORT", help="MQTT broker (required)")
+    s.add_argument("--model", metavar="MODEL_DIR", help="exported model folder (required)")
+    s.add_argument("--state", metavar="DIR", help="folder for the version history, server.db (required)")
     s.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default 'default')")
     s.add_argument("--merge-every", type=positive_seconds, default=1.0, metavar="SEC", help="merge pending deltas this often (default 1)")
+    s.add_argument("--signing-key", metavar="FILE",
+                   help="sign every release with this Ed25519 private key (release.key of `edge-spl "
+                        "keys`); devices check them with --verify-key release.pub")
+    add_broker_auth(s)
+    actions = s.add_subparsers(dest="server_action", metavar="ACTION", required=False)
+    # argument_default=SUPPRESS: an option given before `rollback` is not reset by its default here
+    r = actions.add_parser("rollback", help="publish an earlier version's prototypes as a new version",
+                           prog="edge-spl server rollback", argument_default=argparse.SUPPRESS,
+                           description="Store a new version (the latest + 1, so devices take it as newer) "
+                                       "whose prototypes are those of version --to, keeping the latest "
+                                       "merged marks (devices do not resend deltas already merged). With "
+                                       "--broker it is published (retained) at once; otherwise the next "
+                                       "`edge-spl server` on --state publishes it. Refuses while a server "
+                                       "runs on --state.")
+    r.add_argument("--to", type=version_number, required=True, metavar="VERSION",
+                   help="the version whose prototypes to go back to")
+    r.add_argument("--state", required=True, metavar="DIR", help="the server's --state folder")
+    r.add_argument("--model", required=True, metavar="MODEL_DIR", help="the server's exported model folder")
+    r.add_argument("--broker", type=broker_address, metavar="HOST:PORT",
+                   help="publish the new version there now (default: the next server start does)")
+    r.add_argument("--fleet", metavar="NAME", help="fleet name (default 'default')")
+    r.add_argument("--signing-key", metavar="FILE", help="sign the release with this private key")
+    add_broker_auth(r)
+    p.server_parser = s   # main() checks what serving needs
+
+    k = sub.add_parser("keys", help="make the Ed25519 key pair that signs releases (needs [server])",
+                       description="Write DIR/release.key, the private key (mode 0600; for `edge-spl "
+                                   "server --signing-key`), and DIR/release.pub, the public key (for every "
+                                   "device's --verify-key). Keep release.key on the server only.")
+    k.add_argument("--out", required=True, metavar="DIR", help="folder to write the two files to (made if missing)")
+    k.add_argument("--force", action="store_true",
+                   help="replace an existing key pair (devices holding the old release.pub then refuse "
+                        "new releases until they get the new one)")
 
     m = sub.add_parser("demo", help="the whole loop on the gas drift data (needs [demo,train,device,server])",
                        description="Train on gas drift batch 1, export, start the server and N device "
@@ -204,6 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--quick", action="store_true", help="tiny sizes and few rounds: a smoke run, figures mean nothing")
     bs.add_argument("--broker", type=broker_address, metavar="HOST:PORT",
                     help="MQTT broker for the server figures (default 127.0.0.1:1883)")
+    bk = bsub.add_parser("soak", help="the fleet under random broker, device and server kills: is any delta lost or merged twice?",
+                         description="Start a mosquitto (persistence on), the server and N device processes "
+                                     "streaming gas drift samples, each with its own --state; for M minutes "
+                                     "SIGKILL and restart, at seeded random times, the broker (same port and "
+                                     "persistence file), devices (same --state) and the server (same --state). "
+                                     "Then drain, stop everything cleanly and audit the durable records: deltas "
+                                     "made (device states), merged (server.db), lost, merged twice, the longest "
+                                     "reconnect after a broker restart. Writes OUT/bench_soak.json, prints a "
+                                     "table; exits 1 if a delta was lost or merged twice. docs/bench-soak.md "
+                                     "explains every figure.")
+    bk.add_argument("--devices", type=positive_int, default=20, metavar="N", help="device processes (default 20, at most 64)")
+    bk.add_argument("--minutes", type=positive_minutes, default=3.0, metavar="M",
+                    help="how long faults are injected (default 3; the drain and start-up come on top)")
+    bk.add_argument("--out", default="bench-soak", metavar="DIR",
+                    help="output folder (default ./bench-soak); DIR/run keeps every process's state and log")
+    bk.add_argument("--seed", type=int, default=0, help="seed of the fault schedule and the sample order (default 0)")
+    bk.add_argument("--data", default=None, metavar="DIR",
+                    help="gas drift folder, batch1..6.dat (default ../shared/data/gas-sensor-drift)")
 
     b = sub.add_parser("broker", help="run the embedded MQTT 3.1.1 broker (needs [demo])",
                        description="A small MQTT broker (amqtt) for trying edge-spl without mosquitto. "
@@ -214,7 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "server" and args.server_action is None:
+        missing = [o for o in ("--broker", "--model", "--state") if getattr(args, o[2:]) is None]
+        if missing:
+            parser.server_parser.error(f"the following arguments are required: {', '.join(missing)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     module, extra = COMMANDS[args.command]

@@ -18,6 +18,7 @@ from edge_spl.device.state import load_model, load_state, save_model, save_state
 from edge_spl.errors import DataError, EdgeSplError, ModelError
 from edge_spl.files import atomic_write_bytes, lock_folder
 from edge_spl.manifest import ExportedModel
+from edge_spl.mqtt_auth import MqttAuth
 from edge_spl.protocol import Topics, check_name
 
 if TYPE_CHECKING:   # paho-mqtt is imported only with --broker: an offline start skips it
@@ -58,6 +59,17 @@ def run(args) -> int:
     if args.wait < 0:
         raise EdgeSplError(f"--wait {args.wait:g}: expected a number of seconds >= 0")
     _check_predictions_path(args)
+    auth = MqttAuth.from_args(args)
+    verify_key = None
+    if getattr(args, "verify_key", None):
+        from edge_spl.signing import load_verify_key
+
+        verify_key = load_verify_key(args.verify_key, "--verify-key")
+    if auth.given and not args.broker:
+        raise EdgeSplError("--username and --tls-* need --broker")
+    if auth.username is not None and auth.username != args.id:
+        log.warning("--username %r is not the device id %r: the fleet ACL of docs/mosquitto.md lets "
+                    "a device publish only under its user name", auth.username, args.id)
     try:
         os.makedirs(args.state, exist_ok=True)
     except OSError as e:
@@ -74,7 +86,9 @@ def run(args) -> int:
         if args.broker:
             from edge_spl.device.sync import DeviceSync
             host, port = args.broker
-            sync = DeviceSync(host, port, args.fleet, args.id)
+            sync = DeviceSync(host, port, args.fleet, args.id, auth=auth, verify_key=verify_key)
+            if verify_key is not None:
+                log.info("adopting only releases signed by key %s", verify_key.key_id)
             sync.start(args.wait)
         return _run(args, sync)
     finally:
@@ -89,11 +103,11 @@ def _check_predictions_path(args) -> None:
     """--predictions is truncated at start: it must not be the source or a file the device keeps."""
     if not args.predictions:
         return
-    from edge_spl.device.state import STATE_FILE
+    from edge_spl.device.state import PREV_FILE, STATE_FILE
     from edge_spl.manifest import MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE
 
     kept = [os.path.join(d, n) for d in (args.state, args.model) if d
-            for n in (STATE_FILE, SUMMARY_FILE, MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE)]
+            for n in (STATE_FILE, PREV_FILE, SUMMARY_FILE, MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE)]
     target = os.path.realpath(args.predictions)
     for path in ([args.source] if args.source != "-" else []) + kept:
         if os.path.realpath(path) == target:
@@ -125,9 +139,11 @@ def _run(args, sync: DeviceSync | None) -> int:
     model, pulled_release = _load_model(args, sync)
     try:
         learner = FFLearner(model, device_id=args.id, seed=zlib.crc32(args.id.encode()),
-                            lr_head=args.lr_head, lr_gate=args.lr_gate, lr_hidden=args.lr_hidden)
-    except ValueError as e:
-        raise EdgeSplError(str(e).replace("lr_", "--lr-")) from None
+                            lr_head=args.lr_head, lr_gate=args.lr_gate, lr_hidden=args.lr_hidden,
+                            replay=args.replay)
+    except ValueError as e:   # "<name> = <value>: expected ...": name the flag instead
+        name, _, rest = str(e).partition(" = ")
+        raise EdgeSplError(f"--{name.replace('_', '-')} = {rest}") from None
     c = Counters()
     restored = load_state(learner, args.state)
     if restored:
@@ -145,6 +161,11 @@ def _run(args, sync: DeviceSync | None) -> int:
                 if learner.adopt_release(ev.value):
                     c.versions_adopted.append(learner.base_version_)
                     log.debug("adopted release v%d", learner.base_version_)
+                elif ev.value.version == learner.base_version_ and learner.outstanding_:
+                    # The server republishes its newest release whenever it (re)connects: after a
+                    # restart it may have lost deltas it had PUBACKed but not stored. Re-send the
+                    # outbox now rather than RESEND_AFTER later (the server drops duplicates).
+                    sync.resend.set()
             elif ev.kind == "ack":
                 answered.add(ev.value["seq"])
                 if ev.value["accepted"]:
@@ -257,11 +278,15 @@ def _run(args, sync: DeviceSync | None) -> int:
         if sync is not None:
             do_sync()
             _wait_for_cover(args, sync, learner, c, apply, flush_outbox)
-            if last_info is not None and not last_info.is_published():
+            if last_info is not None:
+                # is_published() raises too: for a publish paho queued while the broker was gone
+                # (rc "no connection"), which it sends after a reconnect
                 try:
-                    last_info.wait_for_publish(timeout=min(args.wait, 5.0))
+                    if not last_info.is_published():
+                        last_info.wait_for_publish(timeout=min(args.wait, 5.0))
                 except (ValueError, RuntimeError) as e:
-                    log.warning("last delta may not have reached the broker: %s", e)
+                    log.warning("last delta may not have reached the broker (%s); it stays in the "
+                                "outbox in %s", e, args.state)
     finally:
         if c.seconds == 0.0:
             c.seconds = time.perf_counter() - c.t0

@@ -7,11 +7,14 @@ Variants (docs/bench-speed.md):
           prototypes and gates (all C rows move: the true class towards, the others away);
   hidden  --lr-hidden > 0: the unsupervised FF of every hidden layer (top 25% units of the
           positive input: target 1 for it, target 0 for the hybrid negative) and then the head.
-Batch 1 is FFLearner._learn itself. Batch B is a mini-batch step: the FF gradients of B samples
-whose routing came from one batched inference, summed, then one step of the same rule.
+Batch 1 is FFLearner._learn itself, with the learner's defaults: after the head step on a labelled
+sample it replays `replay` head steps on stored recent labelled samples (latent replay). Batch B is
+a mini-batch step: the FF gradients of B samples whose routing came from one batched inference,
+summed, then one step of the same rule (no replay: a mini-batch already averages B samples).
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -22,7 +25,11 @@ from edge_spl.export.onnx_export import export_model
 from edge_spl.model import init_model
 from edge_spl.spl import layer_dims
 
-HP = dict(lr_head=0.02, lr_gate=0.2, rms_decay=0.99, lr_hidden=0.01, hidden_frac=0.25)
+# the device learner's defaults, with a hidden step size for the hidden variant
+_DEFAULTS = {k: p.default for k, p in inspect.signature(FFLearner).parameters.items()
+             if p.default is not inspect.Parameter.empty}
+HP = {k: _DEFAULTS[k] for k in ("lr_head", "lr_gate", "rms_decay", "hidden_frac", "replay", "replay_size")}
+HP["lr_hidden"] = 0.01
 POOL = 64   # distinct samples (or mini-batches) the timed steps cycle through
 
 
@@ -126,6 +133,33 @@ class EdgeSplLearn:
                              L._lr_head32, L._lr_gate32, L._decay32, corr, L.counts_[-1])
 
 
+class _Replay:
+    """FFLearner's replay buffer for the numpy and torch versions: the last replay_size labelled
+    head inputs, and `replay` picks among them per labelled sample, drawn from the same seeded
+    generator as the learner's, so all three step the same samples."""
+
+    def __init__(self, d_head: int, zeros):
+        self.U = [zeros(d_head) for _ in range(HP["replay_size"])]
+        self.Y = [0] * HP["replay_size"]
+        self.n = 0
+        self.rng = np.random.default_rng(_DEFAULTS["seed"])
+
+    def picks(self) -> list:
+        """The (input, label) pairs to replay after a labelled sample's own step."""
+        n = min(self.n, HP["replay_size"])
+        if HP["replay"] == 0 or n == 0:
+            return []
+        return [(self.U[i], self.Y[i]) for i in self.rng.integers(0, n, HP["replay"])]
+
+    def store(self, h, label: int) -> None:
+        """Keep (h, label), replacing the oldest: after its replay, as the learner does."""
+        if HP["replay"] > 0:
+            slot = self.n % HP["replay_size"]
+            self.U[slot][:] = h
+            self.Y[slot] = label
+            self.n += 1
+
+
 # -- the same math in plain numpy ------------------------------------------------------------------
 
 class NumpyLearn:
@@ -142,6 +176,7 @@ class NumpyLearn:
         self.vg = np.zeros(sizes[-1], np.float32)
         self.steps = 0
         self.inv = [np.float32(1.0 / math.sqrt(d)) for d, _ in layer_dims(sizes)]
+        self.replay = _Replay(layer_dims(sizes)[-1][0], lambda n: np.zeros(n, np.float32))
 
     def _head(self, gr: np.ndarray, e: np.ndarray, n: int) -> None:
         decay = HP["rms_decay"]
@@ -175,6 +210,12 @@ class NumpyLearn:
             e[item["label"]] -= 1.0
             h = _layer_inputs(outs, z, self.n - 1)[0]
             self._head(np.outer(e * self.inv[-1], h), e, 1)
+            P, g = self.protos[-1]
+            for u, y in self.replay.picks():
+                e = 1.0 / (1.0 + np.exp(-(P @ u * self.inv[-1] - g)))
+                e[y] -= 1.0
+                self._head(np.outer(e * self.inv[-1], u), e, 0)
+            self.replay.store(h, item["label"])
             return
         pos, z = item["pos"], item["z"]
         if self.hidden:
@@ -211,6 +252,7 @@ class TorchLearn:
         self.vg = torch.zeros(sizes[-1])
         self.steps = 0
         self.inv = [1.0 / math.sqrt(d) for d, _ in layer_dims(sizes)]
+        self.replay = _Replay(layer_dims(sizes)[-1][0], torch.zeros)
 
     def convert(self, pool: list[dict]) -> list[dict]:
         """The pool as tensors, converted before timing (a torch device would have them so)."""
@@ -253,6 +295,12 @@ class TorchLearn:
             e[item["label"]] -= 1.0
             h = _layer_inputs(outs, z, self.n - 1)[0]
             self._head(t.outer(e * self.inv[-1], h), e, 1)
+            P, g = self.protos[-1]
+            for u, y in self.replay.picks():
+                e = t.sigmoid(P @ u * self.inv[-1] - g)
+                e[y] -= 1.0
+                self._head(t.outer(e * self.inv[-1], u), e, 0)
+            self.replay.store(h, item["label"])
             return
         pos, z = item["pos"], item["z"]
         if self.hidden:
@@ -278,13 +326,19 @@ def work(sizes, hidden: bool, batch: int, pool: list[dict] | None = None) -> dic
     """FLOPs, bytes and working set of one learn step (minimum traffic: every touched P and vP
     element read and written once, every input read once; exp/sqrt/div count as one FLOP).
     head, per element of the C x d head: gradient 1, v 4, step 6 (v/corr, +eps, sqrt, lr*gr, /, -)
-    plus the mini-batch's 2 per sample; hidden, per element of a touched row: 2 per sample and
-    pass (multiply, subtract)."""
+    plus the mini-batch's 2 per sample; at batch 1, each replayed step adds the routing of its
+    stored input (2 per element) and the same step (11 per element), and reads that input;
+    hidden, per element of a touched row: 2 per sample and pass (multiply, subtract)."""
     d, C = layer_dims(sizes)[-1]
     B = batch
     flops = C * d * (11 if B == 1 else 10 + 2 * B) + B * C * 10
     nbytes = C * d * 16 + B * d * 4 + B * C * 8 + C * 12
     ws = C * d * 8 + B * d * 4
+    if B == 1 and HP["replay"] > 0:
+        R = HP["replay"]
+        flops += R * (C * d * 13 + C * 10)
+        nbytes += R * d * 4 + d * 4            # the replayed inputs read, this one stored
+        ws += HP["replay_size"] * d * 4
     if hidden:
         for i, (d_in, d_out) in enumerate(zip(sizes[:-2], sizes[1:-1])):
             k = max(1, math.ceil(HP["hidden_frac"] * d_out))

@@ -1,0 +1,101 @@
+"""`edge-spl server rollback`: go back to an earlier version's prototypes.
+
+Devices adopt only a release newer than theirs, so going back is going forward: the rollback
+stores version latest+1 whose prototypes are version TO's and whose `merged` high-water marks are
+the latest ones (the deltas they cover stay merged, and devices do not send them again). It holds
+the state folder's lock, as the server does, so it never races a running server's commits.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+from edge_spl.errors import EdgeSplError
+from edge_spl.files import lock_folder, sha256_hex
+from edge_spl.manifest import ExportedModel
+from edge_spl.protocol import Release, Signer, Topics, encode_release
+
+from .store import DB_FILE, SQLiteStore, StoredVersion
+
+
+def roll_back(model_dir: str, state_dir: str, to: int) -> tuple[StoredVersion, StoredVersion, ExportedModel]:
+    """Store the new version; returns (new version, the latest before it, the model)."""
+    if not os.path.isdir(state_dir):
+        raise EdgeSplError(f"--state {state_dir}: no such folder")
+    db = os.path.join(state_dir, DB_FILE)
+    if not os.path.isfile(db):
+        raise EdgeSplError(f"--state {state_dir} holds no {DB_FILE}: not the --state folder of an "
+                           f"edge-spl server")
+    model = ExportedModel.load(model_dir)
+    lock = lock_folder(state_dir, "edge-spl server")
+    try:
+        store = SQLiteStore(db, model.manifest, model.protos)
+        try:
+            latest = store.latest()
+            if to == latest.version:
+                raise EdgeSplError(f"version {to} is the latest version already; nothing to roll back")
+            target = store.get(to)
+            new = store.commit(latest, [(P.copy(), g.copy()) for P, g in target.protos], [])
+        finally:
+            store.close()
+    finally:
+        lock.close()
+    return new, latest, model
+
+
+def release_payload(model: ExportedModel, v: StoredVersion, signer: Signer | None = None) -> bytes:
+    """The release of version `v`, as the server would publish it."""
+    return encode_release(Release(v.version, model.manifest.onnx_sha256, v.protos, dict(v.merged),
+                                  v.created, sha256_hex(model.manifest.to_json())), signer=signer)
+
+
+def publish_release(broker: tuple[str, int], fleet: str, model: ExportedModel, release: bytes,
+                    auth=None, timeout: float = 10.0) -> None:
+    """Publish manifest, ONNX and `release` retained (QoS 1), as the server does on connect, and
+    wait for the broker to take them. A client id of its own and a clean session: taking the
+    server's id would take over its persistent session and the deltas waiting in it."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = broker
+    topics = Topics(fleet)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-spl-rollback-{uuid.uuid4().hex[:12]}",
+                         clean_session=True, protocol=mqtt.MQTTv311)
+    if auth is not None:
+        auth.apply(client)
+    connected = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            refused.append(str(reason_code))
+        else:
+            connected.set()
+
+    client.on_connect = on_connect
+    deadline = time.monotonic() + timeout
+    try:
+        client.connect(host, port, keepalive=30)
+    except (OSError, ValueError) as e:
+        raise EdgeSplError(f"cannot reach MQTT broker {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
+    client.loop_start()
+    try:
+        while not connected.wait(0.05):
+            if refused or time.monotonic() > deadline:
+                why = f"it refused the connection: {refused[0]}" if refused else f"no CONNACK within {timeout:g} s"
+                raise EdgeSplError(f"cannot reach MQTT broker {host}:{port} ({why})")
+        infos = [client.publish(topics.manifest, model.manifest.to_json(), qos=1, retain=True),
+                 client.publish(topics.onnx, model.onnx_bytes, qos=1, retain=True),
+                 client.publish(topics.release, release, qos=1, retain=True)]
+        for info in infos:
+            try:
+                info.wait_for_publish(max(0.01, deadline - time.monotonic()))
+            except (ValueError, RuntimeError) as e:
+                raise EdgeSplError(f"publishing to MQTT broker {host}:{port} failed: {e}") from None
+            if not info.is_published():
+                raise EdgeSplError(f"MQTT broker {host}:{port} did not take the release within {timeout:g} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
