@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -68,3 +69,12 @@ def test_demo_with_unreachable_broker_fails_cleanly(tmp_path, gas_dir):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and "127.0.0.1:1" in r.stderr.strip().splitlines()[-1]
+
+
+def test_demo_plot_curve_is_a_trailing_mean_without_edge_dips():
+    from edge_spl.cli.demo import trailing_mean
+
+    v = np.array([1, 0, 1, 1, 0, 1, 1, 1], float)
+    want = [np.mean(v[max(0, i - 2):i + 1]) for i in range(len(v))]
+    np.testing.assert_allclose(trailing_mean(v, 3), want)
+    assert trailing_mean(np.ones(50), 100).min() == 1.0      # all right stays 100% to the last point
