@@ -28,6 +28,7 @@ import json
 import math
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -323,6 +324,11 @@ def sign_release_payload(payload: bytes, signer: Signer, max_bytes: int = DEFAUL
     return out
 
 
+def is_signed_release(payload: bytes) -> bool:
+    """Whether a release payload is in the signed envelope (says nothing of the signature)."""
+    return len(payload) > _HEAD.size and payload[:4] == MAGIC and payload[4] == KIND_SIGNED_RELEASE
+
+
 def _signed_inner(h: bytes, inner: bytes, verifier: Verifier | None) -> bytes:
     """The release payload inside a signed envelope; with `verifier`, only when its key signed
     exactly these bytes."""
@@ -395,9 +401,29 @@ def decode_json(payload: bytes, max_bytes: int = 1 << 20) -> dict:
 
 
 def status_payload(device: str, online: bool, version: int = -1, samples: int = 0,
-                   outbox: int = 0) -> bytes:
+                   outbox: int = 0, at: float | None = None) -> bytes:
+    """A device's health record: its release version (-1: none yet), samples seen, deltas in its
+    outbox, and when it said so (unix seconds, the device's clock)."""
     return encode_json({"device": device, "online": online, "version": version,
-                        "samples": samples, "outbox": outbox})
+                        "samples": samples, "outbox": outbox,
+                        "time": round(time.time() if at is None else at, 3)})
+
+
+def decode_status(payload: bytes) -> dict:
+    """A status as status_payload writes it (anything else is a ProtocolError: any client may
+    publish on a status topic the ACL lets it reach). "time" is None when absent (older devices)."""
+    obj = decode_json(payload, max_bytes=4096)
+    check_name("device id", _field(obj, "device", str))
+    if not isinstance(obj.get("online"), bool):
+        raise ProtocolError("status field 'online' missing or not a boolean")
+    out = {"device": obj["device"], "online": obj["online"], "version": _counter(obj, "version", -1),
+           "samples": _counter(obj, "samples"), "outbox": _counter(obj, "outbox"), "time": None}
+    t = obj.get("time")
+    if t is not None:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1e11:
+            raise ProtocolError("status field 'time' is not a time in unix seconds")
+        out["time"] = float(t)
+    return out
 
 
 def ack_payload(device: str, seq: int, accepted: bool, reason: str, version: int) -> bytes:

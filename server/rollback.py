@@ -8,13 +8,12 @@ the state folder's lock, as the server does, so it never races a running server'
 from __future__ import annotations
 
 import os
-import threading
 import time
-import uuid
 
 from edge_spl.errors import EdgeSplError
 from edge_spl.files import lock_folder, sha256_hex
 from edge_spl.manifest import ExportedModel
+from edge_spl.mqtt_session import short_session
 from edge_spl.protocol import Release, Signer, Topics, encode_release
 
 from .store import DB_FILE, SQLiteStore, StoredVersion
@@ -54,38 +53,12 @@ def release_payload(model: ExportedModel, v: StoredVersion, signer: Signer | Non
 def publish_release(broker: tuple[str, int], fleet: str, model: ExportedModel, release: bytes,
                     auth=None, timeout: float = 10.0) -> None:
     """Publish manifest, ONNX and `release` retained (QoS 1), as the server does on connect, and
-    wait for the broker to take them. A client id of its own and a clean session: taking the
-    server's id would take over its persistent session and the deltas waiting in it."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
+    wait for the broker to take them (a short session of its own: never the server's id, whose
+    persistent session holds the deltas waiting for it)."""
     host, port = broker
     topics = Topics(fleet)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-spl-rollback-{uuid.uuid4().hex[:12]}",
-                         clean_session=True, protocol=mqtt.MQTTv311)
-    if auth is not None:
-        auth.apply(client)
-    connected = threading.Event()
-    refused: list[str] = []
-
-    def on_connect(c, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
-            refused.append(str(reason_code))
-        else:
-            connected.set()
-
-    client.on_connect = on_connect
     deadline = time.monotonic() + timeout
-    try:
-        client.connect(host, port, keepalive=30)
-    except (OSError, ValueError) as e:
-        raise EdgeSplError(f"cannot reach MQTT broker {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
-    client.loop_start()
-    try:
-        while not connected.wait(0.05):
-            if refused or time.monotonic() > deadline:
-                why = f"it refused the connection: {refused[0]}" if refused else f"no CONNACK within {timeout:g} s"
-                raise EdgeSplError(f"cannot reach MQTT broker {host}:{port} ({why})")
+    with short_session(broker, auth, "rollback", timeout) as client:
         infos = [client.publish(topics.manifest, model.manifest.to_json(), qos=1, retain=True),
                  client.publish(topics.onnx, model.onnx_bytes, qos=1, retain=True),
                  client.publish(topics.release, release, qos=1, retain=True)]
@@ -96,6 +69,3 @@ def publish_release(broker: tuple[str, int], fleet: str, model: ExportedModel, r
                 raise EdgeSplError(f"publishing to MQTT broker {host}:{port} failed: {e}") from None
             if not info.is_published():
                 raise EdgeSplError(f"MQTT broker {host}:{port} did not take the release within {timeout:g} s")
-    finally:
-        client.disconnect()
-        client.loop_stop()

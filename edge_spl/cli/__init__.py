@@ -19,6 +19,7 @@ COMMANDS = {
     "device": ("device", "device"),
     "server": ("server", "server"),
     "keys": ("keys", "server"),
+    "status": ("status", "server"),
     "demo": ("demo", "demo"),
     "broker": ("broker", "demo"),
     "bench": ("bench", "bench"),
@@ -242,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true",
                    help="replace an existing key pair (devices holding the old release.pub then refuse "
                         "new releases until they get the new one)")
+
+    st = sub.add_parser("status", help="the fleet as a table: every device's state, version, samples, outbox",
+                        description="Read the fleet's retained messages on the broker and print one row "
+                                    "per device (online/offline -- the broker publishes a device's last "
+                                    "will when it vanishes --, the release version it runs, samples seen, "
+                                    "deltas in its outbox, when it last reported) and the fleet's current "
+                                    "release. Exits 1 when the fleet has neither a release nor a device.")
+    st.add_argument("--broker", type=broker_address, required=True, metavar="HOST:PORT", help="MQTT broker")
+    st.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default 'default')")
+    st.add_argument("--wait", type=positive_seconds, default=2.0, metavar="SEC",
+                    help="how long to collect the retained statuses (default 2)")
+    st.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    add_broker_auth(st)
 
     m = sub.add_parser("demo", help="the whole loop on the gas drift data (needs [demo,train,device,server])",
                        description="Train on gas drift batch 1, export, start the server and N device "
