@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_spl.errors import DataError
 from edge_spl.manifest import ExportedModel, proto_values_ok
-from edge_spl.protocol import LayerDelta, PrototypeDelta, Release, check_name
+from edge_spl.protocol import LayerDelta, PrototypeDelta, Release, check_name, split_delta
 
 from .kernels import (_ema_standardize, _ff_hidden_step, _ff_replay, _ff_update, _ff_update_pair, _ff_update_rms,
                       var_floor)
@@ -263,22 +263,36 @@ class FFLearner:
         return self.next_seq_ - 1
 
     def make_delta(self) -> PrototypeDelta | None:
-        """The local learning since the last delta, as a delta to push; it joins `outstanding_`
-        until a release covers it. None when nothing was learned."""
+        """The local learning since the last delta, as one delta to push (see make_deltas);
+        None when nothing was learned."""
+        deltas = self.make_deltas()
+        return deltas[0] if deltas else None
+
+    def make_deltas(self, max_bytes: int | None = None) -> list[PrototypeDelta]:
+        """The local learning since the last delta, as deltas to push: one, or with `max_bytes`
+        as many (consecutive seqs, each a group of rows) as it takes for each to encode within
+        it. They join `outstanding_` until a release covers them. [] when nothing was learned;
+        ProtocolError (and nothing changed) when a single row does not fit."""
         if not any(np.any(c > 0) for c in self.counts_):
-            return None
+            return []
         layers = []
         for (uP, ug), c in zip(self._unpushed(), self.counts_):
             rows = np.flatnonzero(c > 0).astype(np.int32)
             layers.append(LayerDelta(rows, np.ascontiguousarray(uP[rows]), np.ascontiguousarray(ug[rows]),
                                      c[rows].copy()))
-        delta = PrototypeDelta(self.device_id, self.next_seq_, self.base_version_, layers,
+        whole = PrototypeDelta(self.device_id, self.next_seq_, self.base_version_, layers,
                                self.manifest.onnx_sha256)
-        self.next_seq_ += 1
-        self.outstanding_.append(delta)
+        groups = [layers] if max_bytes is None else split_delta(whole, max_bytes)
+        deltas = []
+        for group in groups:
+            deltas.append(PrototypeDelta(self.device_id, self.next_seq_, self.base_version_, group,
+                                         self.manifest.onnx_sha256))
+            self.next_seq_ += 1
+        self.outstanding_.extend(deltas)
         for c in self.counts_:
             c.fill(0.0)
-        return delta
+        return deltas
+
 
     def check_release(self, release: Release) -> str | None:
         """Why `release` cannot be adopted, or None when it can."""

@@ -23,7 +23,7 @@ from edge_spl.files import sha256_hex
 from edge_spl.manifest import ExportedModel, Manifest
 from edge_spl.mqtt_auth import MqttAuth, connect_error, refusal
 from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, PrototypeDelta, Release, Topics, Verifier,
-                               decode_ack, decode_release, encode_delta, status_payload)
+                               decode_ack, decode_release, encode_delta, payload_limit, status_payload)
 
 log = logging.getLogger("edge_spl.device.sync")
 MAX_QUEUED = 1000          # acks waiting for the main loop; more are dropped (and counted)
@@ -39,8 +39,10 @@ class Event:
 
 class DeviceSync:
     def __init__(self, host: str, port: int, fleet: str, device_id: str,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD, auth: MqttAuth | None = None,
+                 max_packet: int = DEFAULT_MAX_PAYLOAD, auth: MqttAuth | None = None,
                  verify_key: Verifier | None = None):
+        """max_packet: the broker's maximum packet size (mosquitto's max_packet_size). What this
+        device receives is limited to it, and what it sends to it less the PUBLISH overhead."""
         self.host, self.port = host, port
         # with a key, a release not signed by it is rejected like one that does not decode, so
         # neither the main loop nor pull_model() ever sees it
@@ -48,7 +50,9 @@ class DeviceSync:
         self.auth = auth or MqttAuth()
         self.topics = Topics(fleet)
         self.device_id = device_id
-        self.max_payload = max_payload
+        self.max_payload = int(max_packet)   # the receive limit
+        # what a delta may weigh: deltas are cut to fit (FFLearner.make_deltas)
+        self.delta_limit = payload_limit(max_packet, self.topics.delta(device_id))
         self.inbox: queue.Queue[tuple[str, bytes | None]] = queue.Queue()
         self._latest: dict[str, bytes] = {}   # retained topic -> newest payload not yet polled
         self._lock = threading.Lock()
@@ -207,7 +211,7 @@ class DeviceSync:
 
     def publish_delta(self, delta: PrototypeDelta) -> mqtt.MQTTMessageInfo | None:
         try:
-            payload = encode_delta(delta, self.max_payload)
+            payload = encode_delta(delta, self.delta_limit)
         except ProtocolError as e:
             log.error("delta seq %d not sent: %s", delta.seq, e)
             return None

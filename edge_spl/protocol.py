@@ -60,6 +60,19 @@ MAX_COUNTER = 2**53
 MAX_LAYERS = 64
 
 
+def payload_limit(max_packet: int, topic: str) -> int:
+    """The largest payload a QoS 1 PUBLISH on `topic` carries within a broker's maximum packet
+    size (mosquitto's max_packet_size): a broker disconnects a client that sends a larger packet,
+    and paho then sends it again after every reconnect, forever. The packet is a fixed-header
+    byte, the remaining length (1-4 bytes, 7 bits each), the topic with its 2-byte length, the
+    2-byte packet id and the payload."""
+    for n in range(1, 5):
+        remaining = int(max_packet) - 1 - n
+        if remaining < 128 ** n:
+            return remaining - 2 - len(topic.encode()) - 2
+    raise ValueError(f"max_packet {max_packet} is over MQTT's largest packet")
+
+
 def check_name(kind: str, name: str) -> str:
     """Device ids and fleet names become topic levels: no '/', '+', '#', nothing empty."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -233,6 +246,47 @@ def encode_delta(d: PrototypeDelta, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> byt
     if d.model_sha256:
         header["model_sha256"] = d.model_sha256
     return _encode(KIND_DELTA, header, arrays, max_bytes)
+
+
+def split_delta(d: PrototypeDelta, max_bytes: int) -> list[list[LayerDelta]]:
+    """The rows of `d` cut into groups, each group's layers encoding (with d's header, at any seq)
+    within `max_bytes`: [d.layers] when it fits whole. Merging is per row and additive, so the
+    groups, sent as deltas of their own, merge to what `d` would have. ProtocolError when a single
+    row does not fit."""
+    items = [(i, j) for i, L in enumerate(d.layers) for j in range(len(L.rows))]
+    # measured at the largest seq and version a header can hold, so every part's real one fits
+    probe = PrototypeDelta(d.device, MAX_COUNTER, MAX_COUNTER, d.layers, d.model_sha256)
+
+    def part(sel) -> list[LayerDelta]:
+        picks = [[] for _ in d.layers]
+        for i, j in sel:
+            picks[i].append(j)
+        return [LayerDelta(L.rows[k], L.dP[k], L.dg[k], L.counts[k])
+                for L, k in zip(d.layers, (np.asarray(p, np.int64) for p in picks))]
+
+    def size(layers) -> int:
+        probe.layers = layers
+        return len(encode_delta(probe, max_bytes=MAX_COUNTER))
+
+    groups = []
+
+    def cut(sel) -> None:
+        layers = part(sel)
+        n = size(layers)
+        if n <= max_bytes:
+            groups.append(layers)
+        elif len(sel) == 1:
+            i, j = sel[0]
+            raise ProtocolError(f"one row of layer {i} makes a {n}-byte delta, over the {max_bytes}-byte "
+                                f"limit")
+        else:
+            cut(sel[:len(sel) // 2])
+            cut(sel[len(sel) // 2:])
+
+    if size(d.layers) <= max_bytes:
+        return [d.layers]
+    cut(items)
+    return groups
 
 
 def decode_delta(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> PrototypeDelta:

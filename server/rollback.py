@@ -14,7 +14,7 @@ from edge_spl.errors import EdgeSplError
 from edge_spl.files import lock_folder, sha256_hex
 from edge_spl.manifest import ExportedModel
 from edge_spl.mqtt_session import short_session
-from edge_spl.protocol import Release, Signer, Topics, encode_release
+from edge_spl.protocol import DEFAULT_MAX_PAYLOAD, Release, Signer, Topics, encode_release, payload_limit
 
 from .store import DB_FILE, SQLiteStore, StoredVersion
 
@@ -51,12 +51,18 @@ def release_payload(model: ExportedModel, v: StoredVersion, signer: Signer | Non
 
 
 def publish_release(broker: tuple[str, int], fleet: str, model: ExportedModel, release: bytes,
-                    auth=None, timeout: float = 10.0) -> None:
+                    auth=None, timeout: float = 10.0, max_packet: int = DEFAULT_MAX_PAYLOAD) -> None:
     """Publish manifest, ONNX and `release` retained (QoS 1), as the server does on connect, and
     wait for the broker to take them (a short session of its own: never the server's id, whose
     persistent session holds the deltas waiting for it)."""
     host, port = broker
     topics = Topics(fleet)
+    for what, payload, topic in (("the ONNX file", model.onnx_bytes, topics.onnx),
+                                 ("the release", release, topics.release)):
+        if len(payload) > payload_limit(max_packet, topic):
+            raise EdgeSplError(f"{what} is {len(payload)} bytes, over what a message on {topic} can "
+                               f"carry within the broker's maximum packet size of {max_packet} bytes "
+                               f"(--max-packet)")
     deadline = time.monotonic() + timeout
     with short_session(broker, auth, "rollback", timeout) as client:
         infos = [client.publish(topics.manifest, model.manifest.to_json(), qos=1, retain=True),

@@ -22,7 +22,7 @@ from edge_spl.files import atomic_write_bytes, lock_folder, sha256_hex
 from edge_spl.manifest import ExportedModel
 from edge_spl.mqtt_auth import MqttAuth, connect_error, refusal
 from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, Release, Signer, Topics, ack_payload,
-                               decode_delta, encode_release)
+                               decode_delta, encode_release, payload_limit)
 
 from . import merge
 from .store import DB_FILE, SQLiteStore, StoredVersion
@@ -56,7 +56,7 @@ class Stats:
 class Server:
     def __init__(self, broker: tuple[str, int], model_dir: str, state_dir: str, fleet: str = "default",
                  merge_every: float = 1.0, max_row_norm: float = merge.DEFAULT_MAX_ROW_NORM,
-                 connect_timeout: float = 30.0, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 connect_timeout: float = 30.0, max_packet: int = DEFAULT_MAX_PAYLOAD,
                  signing_key: Signer | None = None, auth: MqttAuth | None = None):
         if not 0 < merge_every < 1e9:
             raise EdgeSplError(f"merge interval must be a positive number of seconds, got {merge_every}")
@@ -65,16 +65,17 @@ class Server:
         self.merge_every = float(merge_every)
         self.max_row_norm = float(max_row_norm)
         self.connect_timeout = float(connect_timeout)
-        self.max_payload = int(max_payload)
+        # the broker's maximum packet size: deltas larger than it cannot arrive, and nothing larger
+        # may be sent (a broker disconnects the sender, paho resends after the reconnect, forever)
+        self.max_payload = int(max_packet)
         self.state_dir = state_dir
         try:
             os.makedirs(state_dir, exist_ok=True)
         except OSError as e:
             raise EdgeSplError(f"--state {state_dir}: cannot create the folder ({e.strerror})") from None
         self.model = ExportedModel.load(model_dir)
-        if len(self.model.onnx_bytes) > self.max_payload:
-            raise ModelError(f"{model_dir}: the ONNX file is {len(self.model.onnx_bytes)} bytes, over "
-                             f"the {self.max_payload}-byte payload limit")
+        self._check_fits(model_dir, "the ONNX file", len(self.model.onnx_bytes), self.topics.onnx)
+        self._check_fits(model_dir, "the manifest", len(self.model.manifest.to_json()), self.topics.manifest)
         self.shapes = [ps for ps, _ in self.model.manifest.proto_shapes()]
         # one server per state folder: a second one would fork the version history
         self._lock = lock_folder(state_dir, "edge-spl server")
@@ -87,6 +88,8 @@ class Server:
             raise
         self.stats = Stats(version=self.current.version)
         self.signing_key = signing_key     # signs every release, the republish on reconnect too
+        # (a model's releases all weigh the same, less a few header bytes: the first one tells)
+        self._check_fits(model_dir, "a release", self._release_size(self.current), self.topics.release)
         self._release_payload = self._encode_release(self.current)
 
         self._inbox: queue.Queue[tuple[str, bytes | None, int]] = queue.Queue()
@@ -368,10 +371,24 @@ class Server:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _encode_release(self, v: StoredVersion) -> bytes:
+    def _check_fits(self, model_dir: str, what: str, size: int, topic: str) -> None:
+        limit = payload_limit(self.max_payload, topic)
+        if size > limit:
+            raise ModelError(f"{model_dir}: {what} is {size} bytes, over the {limit} bytes a message on "
+                             f"{topic} can carry within the broker's maximum packet size of "
+                             f"{self.max_payload} bytes (--max-packet); raise the broker's limit and "
+                             f"--max-packet, or use a smaller model")
+
+    def _release_size(self, v: StoredVersion) -> int:
+        # +64: room for the version and merged counters to grow by some digits (each new device
+        # in `merged` adds its name and seq: a fleet of thousands grows a release by tens of kB)
+        return len(self._encode_release(v, limit=1 << 62)) + 64
+
+    def _encode_release(self, v: StoredVersion, limit: int | None = None) -> bytes:
         return encode_release(Release(v.version, self.model.manifest.onnx_sha256, v.protos,
                                       dict(v.merged), v.created, sha256_hex(self.model.manifest.to_json())),
-                              self.max_payload, self.signing_key)
+                              payload_limit(self.max_payload, self.topics.release) if limit is None else limit,
+                              self.signing_key)
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         with self._publish_lock:

@@ -101,3 +101,35 @@ def tiny_model_dir(tmp_path):
     state.save(d)
     export_model(state).save(str(d))
     return str(d)
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path):
+    """A factory: start a mosquitto of the test's own on a free port with extra config lines
+    (`max_packet_size 4096`, ...); returns (host, port). Stopped at the end of the test."""
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.fail("no mosquitto binary: apt-get install mosquitto")
+    procs = []
+
+    def start(extra: str = "") -> tuple[str, int]:
+        port = free_port()
+        folder = tmp_path / f"mosquitto-{port}"
+        folder.mkdir()
+        conf = folder / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}\n")
+        log = open(folder / "log.txt", "wb")
+        proc = subprocess.Popen([binary, "-c", str(conf), "-v"], stdout=log, stderr=subprocess.STDOUT)
+        procs.append((proc, log))
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", port):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"could not start mosquitto: {(folder / 'log.txt').read_text()}")
+            time.sleep(0.05)
+        return ("127.0.0.1", port)
+
+    yield start
+    for proc, log in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()

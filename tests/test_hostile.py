@@ -291,7 +291,7 @@ def test_device_stdin_with_garbage_bytes_keeps_going(tmp_path, tiny_model_dir):
 
 def test_server_survives_hostile_deltas_and_counts_them(fleet_env):
     dev = fleet_env.device()
-    server = fleet_env.server(max_payload=1 << 20)
+    server = fleet_env.server(max_packet=1 << 20)
     dev.release()
     rng = np.random.default_rng(3)
     attacks = dict(HOSTILE_DELTAS)
@@ -347,7 +347,7 @@ def test_device_sync_rejects_hostile_messages_and_keeps_only_the_newest_release(
     from edge_spl.device.sync import DeviceSync
 
     model = ExportedModel.load(tiny_model_dir)
-    sync = DeviceSync(*mqtt_broker, fleet, "d1", max_payload=1 << 20)
+    sync = DeviceSync(*mqtt_broker, fleet, "d1", max_packet=1 << 20)
     sync.start(5)
     t = sync.topics
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"attacker-{uuid.uuid4().hex[:6]}",

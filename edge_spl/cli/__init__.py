@@ -125,6 +125,26 @@ def add_broker_auth(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM, unencrypted)")
 
 
+DEFAULT_MAX_PACKET = 16 * 1024 * 1024   # edge_spl.protocol.DEFAULT_MAX_PAYLOAD (a test holds them equal)
+
+
+def packet_size(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
+    if not 1024 <= v <= 268_435_455:   # MQTT's largest packet
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1024 to 268435455 bytes")
+    return v
+
+
+def add_max_packet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-packet", type=packet_size, default=DEFAULT_MAX_PACKET, metavar="BYTES",
+                   help="the broker's maximum packet size (mosquitto: max_packet_size; EMQX defaults to "
+                        "1 MB): nothing larger is sent -- deltas are cut to fit, a model or release that "
+                        f"cannot is a clear error -- or taken (default {DEFAULT_MAX_PACKET})")
+
+
 def version_number(text: str) -> int:
     try:
         v = int(text)
@@ -194,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "`edge-spl keys`); unsigned or mis-signed ones are refused and counted")
     d.add_argument("--replay", type=int, default=16, metavar="N",
                    help="after each label, replay N head steps on recent labelled samples (default 16; 0 = off)")
+    add_max_packet(d)
     add_broker_auth(d)
 
     s = sub.add_parser("server", help="merge device deltas and publish prototype versions (needs [server])",
@@ -213,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--signing-key", metavar="FILE",
                    help="sign every release with this Ed25519 private key (release.key of `edge-spl "
                         "keys`); devices check them with --verify-key release.pub")
+    add_max_packet(s)
     add_broker_auth(s)
     actions = s.add_subparsers(dest="server_action", metavar="ACTION", required=False)
     # argument_default=SUPPRESS: an option given before `rollback` is not reset by its default here

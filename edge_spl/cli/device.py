@@ -12,14 +12,16 @@ import time
 import zlib
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from edge_spl.data import iter_samples
 from edge_spl.device.learner import FFLearner
 from edge_spl.device.state import load_model, load_state, save_model, save_state
-from edge_spl.errors import DataError, EdgeSplError, ModelError
+from edge_spl.errors import DataError, EdgeSplError, ModelError, ProtocolError
 from edge_spl.files import atomic_write_bytes, lock_folder
 from edge_spl.manifest import ExportedModel
 from edge_spl.mqtt_auth import MqttAuth
-from edge_spl.protocol import Topics, check_name
+from edge_spl.protocol import LayerDelta, PrototypeDelta, Topics, check_name, split_delta
 
 if TYPE_CHECKING:   # paho-mqtt is imported only with --broker: an offline start skips it
     from edge_spl.device.sync import DeviceSync
@@ -86,7 +88,8 @@ def run(args) -> int:
         if args.broker:
             from edge_spl.device.sync import DeviceSync
             host, port = args.broker
-            sync = DeviceSync(host, port, args.fleet, args.id, auth=auth, verify_key=verify_key)
+            sync = DeviceSync(host, port, args.fleet, args.id, max_packet=args.max_packet, auth=auth,
+                              verify_key=verify_key)
             if verify_key is not None:
                 log.info("adopting only releases signed by key %s", verify_key.key_id)
             sync.start(args.wait)
@@ -135,6 +138,21 @@ def _load_model(args, sync: DeviceSync | None):
     return model, release
 
 
+def _check_delta_limit(learner: FFLearner, limit: int, max_packet: int) -> None:
+    """Deltas are cut into groups of rows to fit the broker's packet size, but one row of the
+    widest layer must fit: say so at start, not at the first sync."""
+    widest = max(range(learner.n_layers), key=lambda i: learner.protos_[i][0].shape[1])
+    layers = []
+    for i, (P, _) in enumerate(learner.protos_):
+        k = 1 if i == widest else 0
+        layers.append(LayerDelta(np.zeros(k, np.int32), np.zeros((k, P.shape[1]), np.float32),
+                                 np.zeros(k, np.float32), np.ones(k, np.float32)))
+    try:
+        split_delta(PrototypeDelta(learner.device_id, 1, 0, layers, learner.manifest.onnx_sha256), limit)
+    except ProtocolError as e:
+        raise EdgeSplError(f"--max-packet {max_packet} is too small for this model's deltas ({e})") from None
+
+
 def _run(args, sync: DeviceSync | None) -> int:
     model, pulled_release = _load_model(args, sync)
     try:
@@ -144,6 +162,8 @@ def _run(args, sync: DeviceSync | None) -> int:
     except ValueError as e:   # "<name> = <value>: expected ...": name the flag instead
         name, _, rest = str(e).partition(" = ")
         raise EdgeSplError(f"--{name.replace('_', '-')} = {rest}") from None
+    if sync is not None:
+        _check_delta_limit(learner, sync.delta_limit, args.max_packet)
     c = Counters()
     restored = load_state(learner, args.state)
     if restored:
@@ -193,18 +213,19 @@ def _run(args, sync: DeviceSync | None) -> int:
 
     def do_sync():
         nonlocal last_info
-        dlt = None
+        new = []
         if sync is not None:
             apply(sync.poll())
             flush_outbox()
-            # offline, learning stays unpushed and goes out as one delta on reconnect
+            # offline, learning stays unpushed and goes out as one delta on reconnect; a delta
+            # over the broker's packet size goes as several, each a group of rows
             if sync.connected.is_set():
-                dlt = learner.make_delta()
+                new = learner.make_deltas(sync.delta_limit)
         # Write-ahead: the delta is in the saved outbox before it can reach the server. Saved
         # after the publish, a crash in between would restart without it and give its seq to
         # new learning, which the server would then drop as a duplicate.
         save_state(learner, args.state)
-        if dlt is not None:
+        for dlt in new:
             last_info = sync.publish_delta(dlt) or last_info
             sent_at[dlt.seq] = time.monotonic()
             c.deltas_pushed += 1

@@ -26,7 +26,7 @@ def run(args) -> int:
     if signing_key is not None:
         log.info("signing releases with key %s", signing_key.key_id)
     server = Server(args.broker, args.model, args.state, fleet=args.fleet, merge_every=args.merge_every,
-                    auth=MqttAuth.from_args(args), signing_key=signing_key)
+                    max_packet=args.max_packet, auth=MqttAuth.from_args(args), signing_key=signing_key)
 
     # Ctrl-C / SIGTERM only ask the loop to stop; it finishes the pending round, publishes it and
     # disconnects cleanly (a KeyboardInterrupt could land in the middle of a store transaction).
@@ -61,7 +61,7 @@ def rollback(args) -> int:
     payload = release_payload(model, new, signing_key)
     host, port = args.broker
     try:
-        publish_release(args.broker, args.fleet, model, payload, auth=auth)
+        publish_release(args.broker, args.fleet, model, payload, auth=auth, max_packet=args.max_packet)
     except EdgeSplError as e:
         raise EdgeSplError(f"version {new.version} is stored but not published ({e}); the next "
                            f"`edge-spl server --state {args.state}` publishes it") from None
