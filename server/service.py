@@ -45,6 +45,7 @@ class Stats:
     bytes_received: int = 0
     deltas_merged: int = 0
     deltas_rejected: dict = field(default_factory=dict)   # reason -> count
+    rows_clipped: int = 0    # delta rows whose step or count was bounded (merge.clip_delta)
     versions_published: int = 0
     version: int = 0
     started: float = field(default_factory=time.time)
@@ -57,13 +58,23 @@ class Server:
     def __init__(self, broker: tuple[str, int], model_dir: str, state_dir: str, fleet: str = "default",
                  merge_every: float = 1.0, max_row_norm: float = merge.DEFAULT_MAX_ROW_NORM,
                  connect_timeout: float = 30.0, max_packet: int = DEFAULT_MAX_PAYLOAD,
-                 signing_key: Signer | None = None, auth: MqttAuth | None = None):
+                 signing_key: Signer | None = None, auth: MqttAuth | None = None,
+                 merge_rule: str = "mean", clip_norm: float = merge.DEFAULT_CLIP_NORM,
+                 max_count: float = merge.DEFAULT_MAX_COUNT):
         if not 0 < merge_every < 1e9:
             raise EdgeSplError(f"merge interval must be a positive number of seconds, got {merge_every}")
         self.broker = broker
         self.topics = Topics(fleet)
         self.merge_every = float(merge_every)
         self.max_row_norm = float(max_row_norm)
+        if merge_rule not in merge.MERGE_RULES:
+            raise EdgeSplError(f"merge rule {merge_rule!r}: expected one of {', '.join(merge.MERGE_RULES)}")
+        if not (0 < clip_norm <= self.max_row_norm and 1 <= max_count < 1e15):
+            raise EdgeSplError(f"clip norm {clip_norm} must be in (0, {self.max_row_norm:g}] and the count "
+                               f"cap {max_count} at least 1")
+        self.merge_rule = merge_rule
+        self.clip_norm = float(clip_norm)
+        self.max_count = float(max_count)
         self.connect_timeout = float(connect_timeout)
         # the broker's maximum packet size: deltas larger than it cannot arrive, and nothing larger
         # may be sent (a broker disconnects the sender, paho resends after the reconnect, forever)
@@ -287,7 +298,7 @@ class Server:
             return 0
         base = self.current
         sums = merge.MergeSums(self.shapes)
-        accepted = []                    # PrototypeDelta
+        accepted = []                    # PrototypeDelta, as clipped
         in_round = set()
         rejections = []                  # (topic device or None, seq, reason)
         for topic, payload, size in items:
@@ -309,14 +320,25 @@ class Server:
             if isinstance(rejection, tuple):
                 rejections.append(rejection)
                 continue
-            d = rejection
-            sums.add_delta(d, base.version)
+            d, clipped = merge.clip_delta(rejection, self.clip_norm, self.max_count)
+            self.stats.rows_clipped += clipped
+            if self.merge_rule == "mean":
+                sums.add_delta(d, base.version)
             in_round.add((d.device, d.seq))
             accepted.append(d)
 
+        refused = [(dev, seq, reason) for dev, seq, reason, _ in rejections
+                   if dev is not None and seq >= 1 and reason not in merge.NOT_FOR_GOOD]
+        try:
+            self.store.refuse(refused)
+        except Exception:   # only the marks wait: the devices resend, and are refused again
+            log.exception("could not record %d refused deltas", len(refused))
         version = base.version
         if accepted:
-            protos = merge.apply(base.protos, sums)
+            if self.merge_rule == "mean":
+                protos = merge.apply(base.protos, sums)
+            else:
+                protos = merge.robust_apply(base.protos, [(d, base.version) for d in accepted], self.merge_rule)
             try:
                 new = self.store.commit(base, protos, [(d.device, d.seq) for d in accepted])
             except Exception:
@@ -335,7 +357,7 @@ class Server:
                 self.stats.versions_published += 1
                 devices = sorted({d.device for d in accepted})
                 log.info("version %d: merged %d deltas (%d rows) from %d devices: %s", version,
-                         len(accepted), sums.touched_rows(), len(devices), ", ".join(devices))
+                         len(accepted), merge.touched_rows(accepted), len(devices), ", ".join(devices))
         for d in accepted:
             self._publish(self.topics.ack(d.device), ack_payload(d.device, d.seq, True, "merged", version))
         for k, (device, seq, reason, detail) in enumerate(rejections):

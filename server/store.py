@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS merged_deltas (
     version INTEGER NOT NULL REFERENCES versions(version),
     PRIMARY KEY (device, seq)
 );
+CREATE TABLE IF NOT EXISTS refused_deltas (
+    device  TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    reason  TEXT NOT NULL,
+    PRIMARY KEY (device, seq)
+);
 """
 
 
@@ -49,7 +55,8 @@ class StoredVersion:
     created: float
     model_sha256: str
     protos: list[tuple[np.ndarray, np.ndarray]]
-    merged: dict[str, int] = field(default_factory=dict)   # device -> contiguous high-water mark
+    # device -> contiguous high-water mark: seqs 1..mark are all merged or refused for good
+    merged: dict[str, int] = field(default_factory=dict)
     n_deltas: int = 0
 
 
@@ -69,6 +76,12 @@ class Store:
     def commit(self, parent: StoredVersion, protos, merged_pairs: list[tuple[str, int]]) -> StoredVersion:
         """Store version parent.version + 1 with these prototypes and the (device, seq) pairs merged
         into it, all in one transaction; returns it with its new high-water marks."""
+        raise NotImplementedError
+
+    def refuse(self, refusals: list[tuple[str, int, str]]) -> None:
+        """Record (device, seq, reason) of deltas refused for good (their content, not their
+        timing, was wrong): the high-water marks of the next version pass over them, so the
+        device drops them from its outbox instead of holding, and re-adding, every later delta."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -139,13 +152,16 @@ class SQLiteStore(Store):
                  json.dumps(v.merged, sort_keys=True), v.n_deltas))
             self._db.executemany("INSERT INTO merged_deltas (device, seq, version) VALUES (?, ?, ?)",
                                  [(d, s, v.version) for d, s in pairs])
-            # High-water marks move only over contiguous seqs; a seq that arrived early (its
-            # predecessor still on the way) is already in merged_deltas and is picked up here.
-            for device in sorted({d for d, _ in pairs}):
+            # High-water marks move only over contiguous seqs, merged or refused; a seq that
+            # arrived early (its predecessor still on the way) is already in a table and is
+            # picked up here.
+            devices = {d for d, _ in pairs} | {r[0] for r in self._db.execute("SELECT DISTINCT device FROM refused_deltas")}
+            for device in sorted(devices):
                 start = v.merged.get(device, 0)
                 seqs = [r[0] for r in self._db.execute(
-                    "SELECT seq FROM merged_deltas WHERE device = ? AND seq > ? ORDER BY seq",
-                    (device, start))]
+                    "SELECT seq FROM merged_deltas WHERE device = ? AND seq > ? UNION "
+                    "SELECT seq FROM refused_deltas WHERE device = ? AND seq > ? ORDER BY seq",
+                    (device, start, device, start))]
                 hwm = high_water_mark(start, seqs)
                 if hwm > 0:
                     v.merged[device] = hwm
@@ -193,6 +209,11 @@ class SQLiteStore(Store):
                           protos, dict(parent.merged), len(merged_pairs))
         self._insert(v, merged_pairs)
         return v
+
+    def refuse(self, refusals) -> None:
+        if refusals:
+            self._db.executemany("INSERT OR IGNORE INTO refused_deltas (device, seq, reason) VALUES (?, ?, ?)",
+                                 [(d, int(s), r) for d, s, r in refusals])
 
     def close(self) -> None:
         self._db.close()

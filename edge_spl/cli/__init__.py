@@ -99,6 +99,16 @@ def demo_devices(text: str) -> int:
     return v
 
 
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v < 1e15:    # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+    return v
+
+
 def positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -234,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--signing-key", metavar="FILE",
                    help="sign every release with this Ed25519 private key (release.key of `edge-spl "
                         "keys`); devices check them with --verify-key release.pub")
+    g = s.add_argument_group("what one device can do to the fleet (docs/sync.md)")
+    g.add_argument("--merge", choices=["mean", "trimmed", "median"], default="mean",
+                   help="how a round's deltas combine per row: the sample-count-weighted mean (default), "
+                        "or one vote per delta: a 20%%-trimmed mean or the median of the steps")
+    g.add_argument("--clip-norm", type=positive_float, default=100.0, metavar="N",
+                   help="scale each delta row's step down to this norm (default 100; the device's "
+                        "rows move by at most ~55 per 100 samples)")
+    g.add_argument("--max-count", type=positive_float, default=10000.0, metavar="N",
+                   help="cap each delta row's sample count, its weight in the mean (default 10000)")
     add_max_packet(s)
     add_broker_auth(s)
     actions = s.add_subparsers(dest="server_action", metavar="ACTION", required=False)

@@ -1,0 +1,123 @@
+"""What one device can do to the fleet: clipped steps and counts, the robust merge rules, and
+refusals that let the merged marks move on -- the rules pure, then in the real server on the
+real broker."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from edge_spl.protocol import LayerDelta, PrototypeDelta, encode_delta
+from edge_spl.server import merge
+from edge_spl.server.service import Server
+from edge_spl.server.store import DB_FILE
+
+from test_server import SHAPES, fleet_env, random_delta   # noqa: F401 (fleet_env is a fixture)
+
+
+def one_row(device, seq, step, count=10.0, base=0, shapes=SHAPES):
+    """A delta moving row 0 of layer 0 by `step` in every coordinate and its gate by `step`."""
+    layers = []
+    for i, (d_out, d_in) in enumerate(shapes):
+        k = 1 if i == 0 else 0
+        layers.append(LayerDelta(np.zeros(k, np.int32), np.full((k, d_in), step, np.float32),
+                                 np.full(k, step, np.float32), np.full(k, count, np.float32)))
+    return PrototypeDelta(device, seq, base, layers)
+
+
+def test_clip_delta_bounds_each_rows_step_and_count():
+    rng = np.random.default_rng(0)
+    d = random_delta(rng, scale=30.0)
+    d.layers[2].counts[:] = 1e6
+    clipped, n = merge.clip_delta(d, clip_norm=5.0, max_count=100.0)
+    rows_over = 0
+    for L, C in zip(d.layers, clipped.layers):
+        norm = np.sqrt((L.dP.astype(np.float64) ** 2).sum(1) + L.dg.astype(np.float64) ** 2)
+        new = np.sqrt((C.dP.astype(np.float64) ** 2).sum(1) + C.dg.astype(np.float64) ** 2)
+        np.testing.assert_allclose(new, np.minimum(norm, 5.0), rtol=1e-5)
+        # scaled, not reshaped: the direction of every row is kept
+        np.testing.assert_allclose(C.dP * norm[:, None], L.dP * np.maximum(new, 1e-30)[:, None], rtol=1e-4, atol=1e-4)
+        assert np.all(C.counts == np.minimum(L.counts, 100.0))
+        rows_over += int(np.sum((norm > 5.0) | (L.counts > 100.0)))
+        np.testing.assert_array_equal(C.rows, L.rows)
+    assert n == rows_over > 0
+    same, n0 = merge.clip_delta(d, clip_norm=1e9, max_count=1e9)
+    assert n0 == 0 and all(np.array_equal(a.dP, b.dP) for a, b in zip(same.layers, d.layers))
+
+
+def test_robust_rules_hold_one_loud_device_to_the_honest_ones():
+    protos = [(np.zeros(s, np.float32), np.zeros(s[0], np.float32)) for s in SHAPES]
+    honest = [one_row(f"h{k}", 1, 0.1 + 0.01 * k) for k in range(4)]
+    loud, _ = merge.clip_delta(one_row("loud", 1, 50.0, count=1e9), clip_norm=100.0, max_count=1e4)
+    deltas = honest + [loud]
+    sums = merge.MergeSums(SHAPES)
+    for d in deltas:
+        sums.add_delta(d, 0)
+    mean = merge.apply(protos, sums)
+    median = merge.robust_apply(protos, [(d, 0) for d in deltas], "median")
+    trimmed = merge.robust_apply(protos, [(d, 0) for d in deltas], "trimmed")
+    assert mean[0][0][0, 0] > 10               # the count-weighted mean follows the loud one
+    np.testing.assert_allclose(median[0][0][0], 0.12, rtol=1e-5)          # the middle honest value
+    np.testing.assert_allclose(trimmed[0][0][0], np.mean([0.11, 0.12, 0.13]), rtol=1e-5)
+    np.testing.assert_allclose(median[0][1][0], 0.12, rtol=1e-5)          # the gate too
+    for rule in (median, trimmed):            # untouched rows and layers stay as they were
+        assert np.all(rule[0][0][1:] == 0) and all(np.all(P == 0) for P, _ in rule[1:])
+    # a stale delta votes with its staleness weight, as in the mean
+    stale = merge.robust_apply(protos, [(one_row("old", 1, 1.0, base=0), 16)], "median")
+    np.testing.assert_allclose(stale[0][0][0], 0.5, rtol=1e-6)
+    with pytest.raises(ValueError):
+        merge.robust_apply(protos, [], "mean")
+
+
+def wait_inbox(server, n):
+    deadline = time.monotonic() + 10
+    while server._inbox.qsize() < n:
+        assert time.monotonic() < deadline, f"{server._inbox.qsize()} of {n} deltas arrived"
+        time.sleep(0.02)
+
+
+def test_the_server_merges_by_the_median_when_asked(fleet_env):
+    dev = fleet_env.device()
+    # connected, but rounds by hand, so that all five land in one
+    server = Server(fleet_env.broker, fleet_env.model_dir, fleet_env.state, fleet=fleet_env.topics.fleet,
+                    connect_timeout=5, merge_rule="median", clip_norm=100.0, max_count=1e4)
+    server.connect()
+    try:
+        base = dev.release()
+        for k, step in enumerate([0.1, 0.11, 0.12, 0.13, 50.0]):
+            dev.send(f"d{k}", encode_delta(one_row(f"d{k}", 1, step, count=1e9 if step > 1 else 10.0)))
+        wait_inbox(server, 5)
+        assert server.merge_round() == 5
+        rel = dev.release(lambda r: r.version == base.version + 1)
+        np.testing.assert_allclose(rel.protos[0][0][0], base.protos[0][0][0] + 0.12, rtol=1e-5)
+        assert server.stats.rows_clipped == 1      # the loud one's step and count were bounded
+        assert all(a["accepted"] for a in dev.acks(5))
+    finally:
+        server._shutdown()
+
+
+def test_a_refused_delta_lets_the_merged_mark_move_on(fleet_env):
+    """Refused for good (its content was wrong), a seq must not hold the device's mark below it:
+    the device would keep every later delta in its outbox and add it on top of each release that
+    already holds it."""
+    dev = fleet_env.device()
+    server = fleet_env.server()
+    dev.release()
+    bad = one_row("x", 1, 0.1)
+    bad.layers[0].rows[:] = 999                                      # rows out of range
+    dev.send("x", encode_delta(bad))
+    assert [a["reason"] for a in dev.acks(1)] == ["rows out of range"]
+    dev.send("x", encode_delta(one_row("x", 2, 0.1)))
+    dev.send("x", encode_delta(one_row("x", 3, 0.1)))
+    rel = dev.release(lambda r: r.merged.get("x") == 3)
+    assert rel.merged == {"x": 3}
+    # a delta on a base the server does not have yet is not refused for good: the mark waits
+    dev.send("x", encode_delta(one_row("x", 4, 0.1, base=10 ** 6)))
+    dev.send("y", encode_delta(one_row("y", 1, 0.1)))
+    rel = dev.release(lambda r: "y" in r.merged)
+    assert rel.merged == {"x": 3, "y": 1}
+    import sqlite3
+    db = sqlite3.connect(f"{fleet_env.state}/{DB_FILE}")
+    assert db.execute("SELECT device, seq, reason FROM refused_deltas").fetchall() == [("x", 1, "rows out of range")]
+    db.close()
