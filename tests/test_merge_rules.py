@@ -16,12 +16,12 @@ from edge_spl.server.store import DB_FILE
 from test_server import SHAPES, fleet_env, random_delta   # noqa: F401 (fleet_env is a fixture)
 
 
-def one_row(device, seq, step, count=10.0, base=0, shapes=SHAPES):
-    """A delta moving row 0 of layer 0 by `step` in every coordinate and its gate by `step`."""
+def one_row(device, seq, step, count=10.0, base=0, shapes=SHAPES, row=0):
+    """A delta moving row `row` of layer 0 by `step` in every coordinate and its gate by `step`."""
     layers = []
     for i, (d_out, d_in) in enumerate(shapes):
         k = 1 if i == 0 else 0
-        layers.append(LayerDelta(np.zeros(k, np.int32), np.full((k, d_in), step, np.float32),
+        layers.append(LayerDelta(np.full(k, row, np.int32), np.full((k, d_in), step, np.float32),
                                  np.full(k, step, np.float32), np.full(k, count, np.float32)))
     return PrototypeDelta(device, seq, base, layers)
 
@@ -121,3 +121,34 @@ def test_a_refused_delta_lets_the_merged_mark_move_on(fleet_env):
     db = sqlite3.connect(f"{fleet_env.state}/{DB_FILE}")
     assert db.execute("SELECT device, seq, reason FROM refused_deltas").fetchall() == [("x", 1, "rows out of range")]
     db.close()
+
+
+def test_a_stale_delta_is_merged_down_weighted_and_reverts_nothing(fleet_env):
+    """Deltas are steps, not values: one made on version 0 and arriving at version 10 moves its
+    rows by 8/10 of its step (merge.staleness), next to a fresh one in the same round, and leaves
+    every row it does not touch as the newer versions made it."""
+    dev = fleet_env.device()
+    server = Server(fleet_env.broker, fleet_env.model_dir, fleet_env.state, fleet=fleet_env.topics.fleet,
+                    connect_timeout=5)
+    server.connect()
+    try:
+        v0 = dev.release()
+        for seq in range(1, 11):                      # ten versions of fresh work on row 0
+            dev.send("fresh", encode_delta(one_row("fresh", seq, 0.1, base=server.version)))
+            wait_inbox(server, 1)
+            assert server.merge_round() == 1
+        assert server.version == v0.version + 10
+        v10 = dev.release(lambda r: r.version == server.version)
+        dev.send("old", encode_delta(one_row("old", 1, 1.0, base=v0.version, row=1)))
+        dev.send("fresh", encode_delta(one_row("fresh", 11, 0.1, base=server.version, row=2)))
+        wait_inbox(server, 2)
+        assert server.merge_round() == 2
+        v11 = dev.release(lambda r: r.version == v10.version + 1)
+        P0, P10, P11 = v0.protos[0][0], v10.protos[0][0], v11.protos[0][0]
+        np.testing.assert_allclose(P10[0], P0[0] + 1.0, rtol=1e-5)          # ten steps of 0.1
+        np.testing.assert_array_equal(P11[0], P10[0])                       # not reverted
+        np.testing.assert_allclose(P11[1], P10[1] + 0.8, rtol=1e-5)         # stale: 8/10 of its step
+        np.testing.assert_allclose(P11[2], P10[2] + 0.1, rtol=1e-5)         # fresh, same round
+        assert v11.merged == {"fresh": 11, "old": 1}
+    finally:
+        server._shutdown()
