@@ -1,315 +1,67 @@
-"""The device's numba kernels: plain loops over C-contiguous float32 arrays, writing in place.
+"""The device's kernels, and validating wrappers of them for tests and one-off use.
 
-They are private; `edge_spl.device.learner.FFLearner` owns the arrays, checks their shapes and
-dtypes once, and calls these per sample. Every kernel has a numpy twin in
-tests/test_device_kernels.py. All numba flags live here.
+The kernels themselves (plain loops over C-contiguous float32 arrays, writing in place) are in
+`kernel_code`. This module binds them from one of two builds of that same source:
+  - aot: the extension module `edge_spl.device.aot` compiled ahead of time for this kernel
+    source, Python, numpy and machine, when there is one in the kernel folder: numba and LLVM are
+    then never imported (they take ~110 MB of RSS at run time; docs/bench-speed.md);
+  - jit: numba's JIT with its on-disk cache, otherwise.
+EDGE_SPL_KERNELS=jit or =aot forces one (aot raises when the module is missing or stale).
+
+The private kernels are called by `edge_spl.device.learner.FFLearner`, which owns the arrays,
+checks their shapes and dtypes once, and calls them per sample with exactly the types of their
+signatures: an AOT kernel does not check its arguments. Every kernel has a numpy twin in
+tests/test_device_kernels.py.
 """
 from __future__ import annotations
 
-import math
+import os
 
 import numpy as np
-from numba import njit
 
-# A feature's running standard deviation is floored at this fraction of its training one, so a
-# feature that stops moving does not divide by ~0. Relative, not absolute: occupancy's
-# HumidityRatio has a training variance of 7e-7, which an absolute 1e-6 would more than double.
-SD_FLOOR = 0.01
+from . import kernel_code as _code
+from .kernel_code import _GOLDEN, _MIX1, _MIX2, RMS_EPS, SD_FLOOR  # noqa: F401  (re-exported)
 
-# The flags of every kernel. error_model="numpy": a float division by zero gives inf instead of
-# raising, so the inner loops carry no per-element ZeroDivisionError branch and LLVM vectorises
-# them (the RMS step runs ~3x faster). No kernel divides by zero: every divisor is >= 1 or a
-# square root of something >= a positive epsilon, so results are bit-for-bit the same.
-_jit = njit(cache=True, nogil=True, error_model="numpy")
+__all__ = ["BACKEND", "RMS_EPS", "SD_FLOOR", "check_f32", "ema_standardize", "ff_update", "ff_update_batch",
+           "ff_update_rms", "ff_update_rms_batch", "replay_picks", "var_floor"]
 
 
-@_jit
-def _ema_standardize(x, mean, var, var_floor, alpha, z_clip, z_out):
-    """Running input re-standardisation. Updates the exponential moving mean/variance with x,
-    then writes z = clip((x - mean) / sqrt(max(var, var_floor)), +-z_clip). With alpha = 0 this
-    is exactly the training standardisation (var_floor is below the training variance).
-
-    The step that updates mean and var is winsorised at z_clip standard deviations: one extreme
-    outlier (gas batch 2 has a feature at ~30,000 where batch 1 averages ~4.5) would otherwise
-    inflate the variance by orders of magnitude and mute that feature for a thousand samples,
-    while real drift, which moves many samples the same way, still gets through at a rate of up
-    to alpha * z_clip standard deviations per sample (and the variance can double per sample)."""
-    for j in range(x.shape[0]):
-        sd = math.sqrt(max(var[j], var_floor[j]))
-        delta = x[j] - mean[j]
-        lim = z_clip * sd
-        if delta > lim:
-            delta = lim
-        elif delta < -lim:
-            delta = -lim
-        mean[j] += alpha * delta
-        # West's incremental exponentially weighted variance
-        var[j] = (1.0 - alpha) * (var[j] + alpha * delta * delta)
-        z = (x[j] - mean[j]) / math.sqrt(max(var[j], var_floor[j]))
-        if z > z_clip:
-            z = z_clip
-        elif z < -z_clip:
-            z = -z_clip
-        z_out[j] = z
+def _bind():
+    want = os.environ.get("EDGE_SPL_KERNELS", "auto")
+    if want not in ("auto", "aot", "jit"):
+        raise ValueError(f"EDGE_SPL_KERNELS={want!r}: expected auto, aot or jit")
+    if want != "jit":
+        from . import aot
+        mod = aot.load(required=want == "aot")
+        if mod is not None:
+            return mod, "aot"
+    _code.compile_jit()
+    return _code, "jit"
 
 
-@_jit
-def _ff_update(h, G, target, P, g, lr, counts):
-    """One Forward-Forward step of one layer on one sample.
-
-    G[j] = h . P[j] / sqrt(d_in) - g[j] is unit j's goodness (its routing). For units with
-    target[j] >= 0 this takes a gradient step on
-        L_FF = -sum_{target=1} log sigmoid(G) - sum_{target=0} log(1 - sigmoid(G)),
-    whose derivative in G is e = sigmoid(G) - target; dG/dP[j] = h / sqrt(d_in), dG/dg[j] = -1.
-    Units with target -1 are left alone. counts[j] += 1 for every unit that moved."""
-    inv_sqrt = 1.0 / math.sqrt(P.shape[1])
-    for j in range(P.shape[0]):
-        t = target[j]
-        if t < 0.0:
-            continue
-        s = 1.0 / (1.0 + math.exp(-G[j]))
-        e = lr * (s - t)
-        c = e * inv_sqrt
-        for k in range(P.shape[1]):
-            P[j, k] -= c * h[k]
-        g[j] += e
-        counts[j] += 1.0
+_impl, BACKEND = _bind()
+_ema_standardize = _impl._ema_standardize
+_ff_update = _impl._ff_update
+_ff_update_rms = _impl._ff_update_rms
+_ff_head_step = _impl._ff_head_step
+_top_rows = _impl._top_rows
+_ff_update_pair = _impl._ff_update_pair
+_ff_hidden_step = _impl._ff_hidden_step
+_ff_update_batch = _impl._ff_update_batch
+_ff_update_rms_batch = _impl._ff_update_rms_batch
 
 
-RMS_EPS = 1e-6
-
-
-@_jit
-def _ff_update_rms(h, G, target, P, g, vP, vg, lr, lr_gate, decay, corr, counts):
-    """The same Forward-Forward step as `_ff_update`, preconditioned per parameter by a running
-    mean of its squared gradient (RMSprop): a diagonal second-order scaling, so a prototype
-    coordinate that rarely moves takes a full step when it does, and a few labels suffice.
-
-    grad = dL_FF/dP[j,k] = e_j h_k / sqrt(d_in), dL_FF/dg[j] = -e_j with e = sigmoid(G) - target;
-    v <- decay v + (1 - decay) grad^2;  param -= lr grad / sqrt(v / corr + eps), where
-    corr = 1 - decay^n is the bias correction after n steps. Gates take step size lr_gate."""
-    inv_sqrt = 1.0 / math.sqrt(P.shape[1])
-    keep = 1.0 - decay
-    for j in range(P.shape[0]):
-        t = target[j]
-        if t < 0.0:
-            continue
-        e = 1.0 / (1.0 + math.exp(-G[j])) - t
-        c = e * inv_sqrt
-        for k in range(P.shape[1]):
-            gr = c * h[k]
-            v = decay * vP[j, k] + keep * gr * gr
-            vP[j, k] = v
-            P[j, k] -= lr * gr / math.sqrt(v / corr + RMS_EPS)
-        v = decay * vg[j] + keep * e * e
-        vg[j] = v
-        g[j] += lr_gate * e / math.sqrt(v / corr + RMS_EPS)
-        counts[j] += 1.0
-
-
-@_jit
-def _ff_replay(U, Y, picks, P, g, vP, vg, lr, lr_gate, decay, steps, counts, G, T):
-    """Latent replay on the head: one label-conditioned FF step (RMS-scaled when decay > 0, as in
-    `_ff_update_rms`; plain `_ff_update` otherwise) on each stored head input U[i] with its
-    label Y[i], for i in picks, in order, with routing recomputed from the current P, g.
-    `steps` is the number of RMS steps taken so far (for the bias correction); returns the new
-    count. counts is incremented per step as in the single-step kernels (the learner passes a
-    scratch array: a replayed step is not a new sample for the merge weights). G, T: float32
-    work buffers of len(g)."""
-    inv_sqrt = 1.0 / math.sqrt(P.shape[1])
-    for i in picks:
-        u = U[i]
-        for j in range(P.shape[0]):
-            acc = 0.0
-            for k in range(P.shape[1]):
-                acc += u[k] * P[j, k]
-            G[j] = acc * inv_sqrt - g[j]
-            T[j] = 0.0
-        T[Y[i]] = 1.0
-        if decay > 0.0:
-            steps += 1
-            corr = np.float32(1.0 - float(decay) ** steps)
-            _ff_update_rms(u, G, T, P, g, vP, vg, lr, lr_gate, decay, corr, counts)
-        else:
-            _ff_update(u, G, T, P, g, lr, counts)
-    return steps
-
-
-@_jit
-def _top_rows(r, k, rows, work):
-    """The indices of the k largest entries of r, written to rows[:k]; returns k. Returns -1
-    (rows undefined) when that set is not unique -- entries equal to the k-th largest both inside
-    and outside it, or a NaN -- so the caller can pick with np.argpartition as before.
-
-    Quickselect on a copy in `work` (float32, len(r)), expected O(len(r))."""
-    n = r.shape[0]
-    for j in range(n):
-        v = r[j]
-        if v != v:
-            return -1
-        work[j] = v
-    want = n - k   # position of the k-th largest in ascending order
-    lo, hi = 0, n - 1
-    while lo < hi:
-        a, b, c = work[lo], work[(lo + hi) // 2], work[hi]
-        if a > b:
-            a, b = b, a
-        if b > c:
-            b = c
-        if a > b:
-            b = a
-        pivot = b   # median of three
-        i, j = lo, hi
-        while i <= j:
-            while work[i] < pivot:
-                i += 1
-            while work[j] > pivot:
-                j -= 1
-            if i <= j:
-                t = work[i]
-                work[i] = work[j]
-                work[j] = t
-                i += 1
-                j -= 1
-        if want <= j:
-            hi = j
-        elif want >= i:
-            lo = i
-        else:
-            break
-    kth = work[want]
-    m = 0
-    eq = 0
-    for j in range(n):
-        if r[j] > kth:
-            m += 1
-        elif r[j] == kth:
-            eq += 1
-    if m + eq != k:
-        return -1
-    m = 0
-    for j in range(n):
-        if r[j] >= kth:
-            rows[m] = j
-            m += 1
-    return k
-
-
-@_jit
-def _ff_update_pair(hp, Gp, hn, Gn, rows, n_rows, P, g, lr, counts):
-    """The hidden-layer FF step on one sample: target 1 for the positive input hp and target 0
-    for the negative hn, on the units rows[:n_rows]; counts once per unit. Bit for bit the same as
-    _ff_update(hp, Gp, t1, ...) then _ff_update(hn, Gn, t0, ...), in one pass over each row."""
-    inv_sqrt = 1.0 / math.sqrt(P.shape[1])
-    n = P.shape[1]
-    # the inputs as float64 once (exact), not once per row
-    hp64 = np.empty(n, np.float64)
-    hn64 = np.empty(n, np.float64)
-    for k in range(n):
-        hp64[k] = hp[k]
-        hn64[k] = hn[k]
-    for r in range(n_rows):
-        j = rows[r]
-        sp = 1.0 / (1.0 + math.exp(-Gp[j]))
-        ep = lr * (sp - 1.0)
-        cp = ep * inv_sqrt
-        sn = 1.0 / (1.0 + math.exp(-Gn[j]))
-        en = lr * (sn - 0.0)
-        cn = en * inv_sqrt
-        Pj = P[j]
-        for k in range(n):
-            Pj[k] -= cp * hp64[k]   # rounded to float32 here, as the positive pass stored it
-            Pj[k] -= cn * hn64[k]
-        g[j] += ep
-        g[j] += en
-        counts[j] += 1.0
-
-
-@_jit
-def _ff_hidden_step(h, G, k, P, g, lr, counts, rows, work):
-    """Unsupervised FF of one hidden layer on one sample: h, G [2, ...] hold the positive input
-    (row 0) and the negative (row 1) and their routing. The k units most strongly routed for the
-    positive are pushed on for it and off for the negative. Returns k, or -1 (nothing done) when
-    the top k is not unique (see _top_rows)."""
-    n = _top_rows(G[0], k, rows, work)
-    if n > 0:
-        _ff_update_pair(h[0], G[0], h[1], G[1], rows, n, P, g, lr, counts)
-    return n
-
-
-@_jit
-def _ff_update_batch(H, G, T, P, g, lr, counts):
-    """Mini-batch FF step: the FF gradients of B samples (rows of H, G, T, routing from one
-    forward pass) summed, then one step. Per unit j: P[j] -= sum_s c_sj H[s] with c as in
-    _ff_update, accumulated in float64 and rounded once; g[j] += sum_s e_sj; counts[j] += the
-    samples with T[s, j] >= 0. Equal to B calls of _ff_update up to float rounding."""
-    inv_sqrt = 1.0 / math.sqrt(P.shape[1])
-    acc = np.empty(P.shape[1], np.float64)
-    for j in range(P.shape[0]):
-        n = 0
-        esum = 0.0
-        for s in range(H.shape[0]):
-            t = T[s, j]
-            if t < 0.0:
-                continue
-            e = lr * (1.0 / (1.0 + math.exp(-G[s, j])) - t)
-            c = e * inv_sqrt
-            Hs = H[s]
-            if n == 0:
-                for k in range(acc.shape[0]):
-                    acc[k] = c * Hs[k]
-            else:
-                for k in range(acc.shape[0]):
-                    acc[k] += c * Hs[k]
-            esum += e
-            n += 1
-        if n == 0:
-            continue
-        Pj = P[j]
-        for k in range(acc.shape[0]):
-            Pj[k] -= acc[k]
-        g[j] += esum
-        counts[j] += n
-
-
-@_jit
-def _ff_update_rms_batch(H, G, T, P, g, vP, vg, lr, lr_gate, decay, corr, counts):
-    """Mini-batch RMS-scaled FF step: the FF gradients of B samples summed (float64), then one
-    step of the _ff_update_rms rule with that gradient."""
-    inv_sqrt = 1.0 / math.sqrt(P.shape[1])
-    keep = 1.0 - decay
-    acc = np.empty(P.shape[1], np.float64)
-    for j in range(P.shape[0]):
-        n = 0
-        esum = 0.0
-        for s in range(H.shape[0]):
-            t = T[s, j]
-            if t < 0.0:
-                continue
-            e = 1.0 / (1.0 + math.exp(-G[s, j])) - t
-            c = e * inv_sqrt
-            Hs = H[s]
-            if n == 0:
-                for k in range(acc.shape[0]):
-                    acc[k] = c * Hs[k]
-            else:
-                for k in range(acc.shape[0]):
-                    acc[k] += c * Hs[k]
-            esum += e
-            n += 1
-        if n == 0:
-            continue
-        Pj = P[j]
-        vPj = vP[j]
-        for k in range(acc.shape[0]):
-            gr = acc[k]
-            v = decay * vPj[k] + keep * gr * gr
-            vPj[k] = v
-            Pj[k] -= lr * gr / math.sqrt(v / corr + RMS_EPS)
-        v = decay * vg[j] + keep * esum * esum
-        vg[j] = v
-        g[j] += lr_gate * esum / math.sqrt(v / corr + RMS_EPS)
-        counts[j] += n
+def replay_picks(state: int, n: int, count: int) -> tuple[int, np.ndarray]:
+    """The replay picks of `_ff_head_step` in plain numpy: `count` draws in 0..n-1 from the
+    SplitMix64 stream at `state` (an unsigned 64-bit int). Returns (the new state, the picks)."""
+    if not 0 < n < 1 << 32:
+        raise ValueError(f"n = {n}: expected 1..2**32 - 1 stored inputs")
+    s = (np.uint64(state) + _GOLDEN * np.arange(1, count + 1, dtype=np.uint64))   # wraps mod 2**64
+    z = (s ^ (s >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z ^= z >> np.uint64(31)
+    picks = (((z >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32)).astype(np.int64)
+    return (int(state) + count * int(_GOLDEN)) % (1 << 64), picks
 
 
 def check_f32(name: str, a, shape) -> np.ndarray:

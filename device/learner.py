@@ -27,8 +27,7 @@ from edge_spl.errors import DataError
 from edge_spl.manifest import ExportedModel, proto_values_ok
 from edge_spl.protocol import LayerDelta, PrototypeDelta, Release, check_name, split_delta
 
-from .kernels import (_ema_standardize, _ff_hidden_step, _ff_replay, _ff_update, _ff_update_pair, _ff_update_rms,
-                      var_floor)
+from .kernels import _ema_standardize, _ff_head_step, _ff_hidden_step, _ff_update_pair, var_floor
 from .session import OnnxModel
 
 log = logging.getLogger("edge_spl.device")
@@ -103,11 +102,14 @@ class FFLearner:
         # running mean of the squared head gradients and the number of head steps (local, not synced)
         self.vP_ = np.zeros(m.proto_shapes()[-1][0], np.float32)
         self.vg_ = np.zeros(self.sizes[-1], np.float32)
-        self.head_steps_ = 0
-        # the last replay_size labelled head inputs (a ring) and how many were ever stored
+        # the last replay_size labelled head inputs (a ring)
         self.replay_u_ = np.zeros((self.replay_size, m.proto_shapes()[-1][0][1]), np.float32)
         self.replay_y_ = np.zeros(self.replay_size, np.int64)
-        self.replay_n_ = 0
+        # the head kernel's counters, updated by it in place: RMS head steps taken, labelled
+        # inputs ever stored for replay, and the replay picks' random stream (SplitMix64 state,
+        # its 64 bits as int64); see head_steps_, replay_n_, replay_rng_
+        self.head_state_ = np.zeros(3, np.int64)
+        self.replay_rng_ = self.seed
         self.n_samples_ = 0
         self.prev_z_ = np.zeros(d, np.float32)
         self.has_prev_ = False
@@ -131,11 +133,10 @@ class FFLearner:
         self._r_names = [f"r{i}" for i in range(self.n_layers)]
         self._h_names = [f"h{i}" for i in range(self.n_layers)]
         self._work = [np.zeros(s, np.float32) for s in hidden]
-        self._thead = np.zeros(self.sizes[-1], np.float32)
-        self._ghead = np.zeros(self.sizes[-1], np.float32)
-        self._replay_counts = np.zeros(self.sizes[-1], np.float32)   # replay adds no samples to a delta
+        self._ghead = np.zeros(self.sizes[-1], np.float32)   # routing of a replayed input
+        self._head_on = self.lr_head > 0
+        self._head_hp = np.array([self.lr_head, self.lr_gate, self.rms_decay, self.replay], np.float32)
         _warm_up(hidden=self.lr_hidden > 0 and self.n_layers > 1)
-
 
     def __getstate__(self):
         # The onnxruntime session cannot be pickled; it is rebuilt from the model bytes.
@@ -148,6 +149,34 @@ class FFLearner:
     @property
     def manifest(self):
         return self.model.manifest
+
+    @property
+    def head_steps_(self) -> int:
+        """RMS head steps taken (own and replayed): the bias correction's step count."""
+        return int(self.head_state_[0])
+
+    @head_steps_.setter
+    def head_steps_(self, n: int) -> None:
+        self.head_state_[0] = n
+
+    @property
+    def replay_n_(self) -> int:
+        """Labelled head inputs ever stored in the replay ring."""
+        return int(self.head_state_[1])
+
+    @replay_n_.setter
+    def replay_n_(self, n: int) -> None:
+        self.head_state_[1] = n
+
+    @property
+    def replay_rng_(self) -> int:
+        """State of the replay picks' random stream, an unsigned 64-bit int."""
+        return int(self.head_state_[2]) % (1 << 64)
+
+    @replay_rng_.setter
+    def replay_rng_(self, s: int) -> None:
+        s = int(s) % (1 << 64)
+        self.head_state_[2] = s - (1 << 64) if s >= 1 << 63 else s
 
     # -- per sample ----------------------------------------------------------------------------
 
@@ -204,36 +233,14 @@ class FFLearner:
                     rows[:k] = np.argpartition(r[0], -k)[-k:]
                     _ff_update_pair(h[0], r[0], h[1], r[1], rows, k, P, g, self._lr_hidden32,
                                     self.counts_[i])
-        if label >= 0 and self.lr_head > 0:
-            logits = outs["logits"][0]
-            h = outs[self._h_names[-1]][0] if self.n_layers > 1 else batch[0]
-            t = self._thead
-            t.fill(0.0)
-            t[label] = 1.0
+        if label >= 0 and self._head_on:
+            # the head step, its replay and the ring store, all in one kernel call: per call,
+            # Python->numba costs ~0.1 us an array, so the head's inputs go in as the 2-d
+            # buffers onnxruntime filled (row 0 is this sample)
+            H = outs[self._h_names[-1]] if self.n_layers > 1 else batch
             P, g = self.protos_[-1]
-            if self.rms_decay > 0:
-                self.head_steps_ += 1
-                corr = np.float32(1.0 - self.rms_decay ** self.head_steps_)
-                _ff_update_rms(h, logits, t, P, g, self.vP_, self.vg_, self._lr_head32,
-                               self._lr_gate32, self._decay32, corr, self.counts_[-1])
-            else:
-                _ff_update(h, logits, t, P, g, self._lr_head32, self.counts_[-1])
-            if self.replay > 0:
-                self._replay(h, label)
-
-    def _replay(self, h: np.ndarray, label: int) -> None:
-        """Replay `replay` stored labelled head inputs (drawn with replacement), then store this one."""
-        n = min(self.replay_n_, self.replay_size)
-        if n > 0:
-            picks = self.rng_.integers(0, n, self.replay)
-            P, g = self.protos_[-1]
-            self.head_steps_ = _ff_replay(self.replay_u_, self.replay_y_, picks, P, g, self.vP_, self.vg_,
-                                          self._lr_head32, self._lr_gate32, self._decay32,
-                                          self.head_steps_, self._replay_counts, self._ghead, self._thead)
-        slot = self.replay_n_ % self.replay_size
-        self.replay_u_[slot] = h
-        self.replay_y_[slot] = label
-        self.replay_n_ += 1
+            _ff_head_step(H, outs["logits"], label, P, g, self.vP_, self.vg_, self.replay_u_, self.replay_y_,
+                          self.head_state_, self._head_hp, self.counts_[-1], self._ghead)
 
     # -- sync bookkeeping ----------------------------------------------------------------------
 
@@ -293,7 +300,6 @@ class FFLearner:
             c.fill(0.0)
         return deltas
 
-
     def check_release(self, release: Release) -> str | None:
         """Why `release` cannot be adopted, or None when it can."""
         if not isinstance(release, Release):
@@ -349,11 +355,8 @@ def _warm_up(hidden: bool = True) -> None:
     M = np.zeros((2, 2), np.float32)
     one = np.float32(1.0)
     _ema_standardize(v, v.copy(), np.ones(2, np.float32), np.ones(2, np.float32), one, one, v.copy())
-    _ff_update(v, v, np.full(2, -1.0, np.float32), M, v.copy(), one, v.copy())
-    _ff_update_rms(v, v, np.full(2, -1.0, np.float32), M, v.copy(), M.copy(), v.copy(), one, one,
-                   np.float32(0.5), one, v.copy())
-    _ff_replay(M, np.zeros(2, np.int64), np.zeros(1, np.int64), M.copy(), v.copy(), M.copy(), v.copy(), one,
-               one, np.float32(0.5), 0, v.copy(), v.copy(), v.copy())
+    _ff_head_step(M, M.copy(), 0, M.copy(), v.copy(), M.copy(), v.copy(), M.copy(), np.zeros(2, np.int64),
+                  np.array([0, 1, 0], np.int64), np.array([1, 1, 0.5, 1], np.float32), v.copy(), v.copy())
     if hidden:   # only then: each kernel costs a compile on a cold cache
         rows = np.zeros(2, np.int64)
         _ff_hidden_step(M, M, 1, M.copy(), v.copy(), one, v.copy(), rows, v.copy())

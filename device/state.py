@@ -5,7 +5,7 @@ STATE_DIR/device-state.bin is one file, replaced atomically on every save:
 holding the live and base prototypes, per-row counts, the outbox (each outstanding delta as its
 wire encoding, uint8), running input mean/variance, the head's running squared gradients, the
 previous input (for negatives) and a
-JSON record (versions, sequence numbers, sample count, RNG state as ints).
+JSON record (versions, sequence numbers, sample count, RNG states as ints).
 
 A device that pulled its model from the broker also keeps manifest.json, model.onnx and
 prototypes.npz here, so it restarts without the broker.
@@ -66,6 +66,7 @@ def save_state(learner: FFLearner, state_dir: str) -> None:
         "has_prev": learner.has_prev_,
         "n_outstanding": len(learner.outstanding_),
         "rng": learner.rng_.bit_generator.state,   # PCG64: plain (big) ints, JSON keeps them exact
+        "replay_rng": learner.replay_rng_,         # the replay picks' SplitMix64 state, 0..2**64-1
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     body = pack_arrays(arrays)
@@ -182,6 +183,11 @@ def _restore(learner: FFLearner, arrays: dict, meta: dict, path: str) -> None:
     outstanding = [decode_delta(arrays[f"out{k}"].tobytes()) for k in range(int(meta["n_outstanding"]))]
     rng = np.random.default_rng()
     rng.bit_generator.state = meta["rng"]
+    # saved since the replay picks moved into the head kernel; an older file starts the stream
+    # from the seed
+    replay_rng = meta.get("replay_rng", learner.seed)
+    if not isinstance(replay_rng, int) or not 0 <= replay_rng < 1 << 64:
+        raise ModelError(f"{path}: replay_rng {replay_rng!r} is not a 64-bit unsigned int")
     # the replay buffer is a cache of recent labelled inputs: kept when it fits this learner's
     # settings, else started afresh (a changed --replay-size is not an error)
     ru, ry = arrays.get("replay_u"), arrays.get("replay_y")
@@ -219,6 +225,7 @@ def _restore(learner: FFLearner, arrays: dict, meta: dict, path: str) -> None:
     learner.n_samples_ = int(meta["n_samples"])
     learner.has_prev_ = bool(meta["has_prev"])
     learner.rng_ = rng
+    learner.replay_rng_ = replay_rng
 
 
 def save_model(exported: ExportedModel, state_dir: str) -> None:

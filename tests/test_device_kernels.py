@@ -6,9 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_spl.device.kernels import (RMS_EPS, SD_FLOOR, _ema_standardize, _ff_hidden_step, _ff_replay, _ff_update,
+from edge_spl.device.kernels import (RMS_EPS, SD_FLOOR, _ema_standardize, _ff_head_step, _ff_hidden_step, _ff_update,
                                     _ff_update_pair, _ff_update_rms, _top_rows, ema_standardize,
-                                    ff_update, ff_update_batch, ff_update_rms, ff_update_rms_batch, var_floor)
+                                    ff_update, ff_update_batch, ff_update_rms, ff_update_rms_batch, replay_picks,
+                                    var_floor)
 from edge_spl.spl import Z_CLIP, standardize
 
 f32 = np.float32
@@ -241,35 +242,94 @@ def test_ff_update_rms_matches_numpy(seed, d_out, d_in, decay, steps):
         np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("decay", [0.0, 0.99])
-def test_ff_replay_matches_numpy(decay):
-    """Replay = the head FF step on each stored input in turn, routing recomputed each time."""
-    rng = np.random.default_rng(5)
-    C, d, n = 4, 9, 6
-    U = rng.standard_normal((n, d)).astype(f32)
-    Y = rng.integers(0, C, n)
-    picks = rng.integers(0, n, 12)
-    P, g = rng.standard_normal((C, d)).astype(f32), rng.standard_normal(C).astype(f32)
-    vP, vg, counts = (np.abs(rng.standard_normal((C, d))).astype(f32) * 0.01,
-                      np.abs(rng.standard_normal(C)).astype(f32) * 0.01, np.zeros(C, f32))
-    want = [a.astype(np.float64) for a in (P, g, vP, vg, counts)]
-    steps = 7
-    for i in picks:
-        wP, wg, wvP, wvg, wc = want
-        G = U[i] @ wP.T / np.sqrt(d) - wg
-        t = np.eye(C)[Y[i]]
+def splitmix64(state: int, count: int) -> tuple[int, list[int]]:
+    """The reference SplitMix64 generator (Vigna), in Python ints."""
+    mask, out = (1 << 64) - 1, []
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return state, out
+
+
+def test_splitmix64_reference_and_replay_picks():
+    # the published first outputs for seed 1234567
+    assert splitmix64(1234567, 3)[1] == [6457827717110365317, 3203168211198807973, 9817491932198370423]
+    for state, n in ((0, 1), (7, 5), (2**63 + 11, 32), (2**64 - 1, 1000)):
+        want_state, z = splitmix64(state, 40)
+        got_state, picks = replay_picks(state, n, 40)
+        assert got_state == want_state
+        np.testing.assert_array_equal(picks, [((v >> 32) * n) >> 32 for v in z])
+        assert picks.min() >= 0 and picks.max() < n
+    # uniform enough to replay every stored input
+    assert set(replay_picks(3, 32, 2000)[1].tolist()) == set(range(32))
+    with pytest.raises(ValueError, match="stored inputs"):
+        replay_picks(0, 0, 4)
+
+
+def head_step_twin(h, G, label, P, g, vP, vg, U, Y, st, lr, lr_gate, decay, replay, counts):
+    """_ff_head_step the slow, obvious way: float64, routing recomputed with numpy, picks from
+    the reference SplitMix64. Returns the new arrays and st."""
+    C, d = P.shape
+    P, g, vP, vg, counts, U = (a.astype(np.float64) for a in (P, g, vP, vg, counts, U))
+    Y, (steps, stored, rng) = Y.copy(), (int(v) for v in st)
+    rng %= 1 << 64
+
+    def one(x, routing, y):
+        nonlocal P, g, vP, vg, steps
+        t = np.eye(C)[y]
         if decay > 0:
             steps += 1
-            want = ff_rms_twin(U[i], G, t, wP, wg, wvP, wvg, 0.03, 0.2, decay, 1 - decay ** steps, wc)
+            P, g, vP, vg, _ = ff_rms_twin(x, routing, t, P, g, vP, vg, lr, lr_gate, decay, 1 - decay ** steps,
+                                          np.zeros(C))
         else:
-            wP, wg, wc = ff_twin(U[i], G, t, wP, wg, 0.03, wc)
-            want = [wP, wg, wvP, wvg, wc]
-    got_steps = _ff_replay(U, Y, picks, P, g, vP, vg, f32(0.03), f32(0.2), f32(decay), 7, counts,
-                           np.zeros(C, f32), np.zeros(C, f32))
-    assert got_steps == (7 + len(picks) if decay > 0 else 7)
-    for got, w in zip((P, g, vP, vg, counts), want):
+            P, g, _ = ff_twin(x, routing, t, P, g, lr, np.zeros(C))
+
+    one(h, G, label)
+    counts = counts + 1
+    if replay > 0:
+        n = min(stored, len(U))
+        if n:
+            rng, z = splitmix64(rng, replay)
+            for v in z:
+                i = ((v >> 32) * n) >> 32
+                one(U[i], U[i] @ P.T / np.sqrt(d) - g, Y[i])
+        U[stored % len(U)] = h
+        Y[stored % len(U)] = label
+        stored += 1
+    return P, g, vP, vg, U, Y, counts, (steps, stored, rng)
+
+
+@pytest.mark.parametrize("decay,replay,stored", [(0.99, 16, 40), (0.99, 16, 3), (0.99, 5, 0), (0.0, 7, 40),
+                                                 (0.5, 0, 9)])
+def test_ff_head_step_matches_numpy(decay, replay, stored):
+    """The fused head kernel (own step, replay with in-kernel picks, ring store) against the
+    float64 twin, over 30 labelled samples. float32 arithmetic and an rsqrt with a Newton step:
+    within 2e-4 relative."""
+    rng = np.random.default_rng(11)
+    C, d, S = 5, 37, 8
+    P, g = rng.standard_normal((C, d)).astype(f32), rng.standard_normal(C).astype(f32)
+    vP, vg = np.zeros((C, d), f32), np.zeros(C, f32)
+    U, Y = rng.standard_normal((S, d)).astype(f32), rng.integers(0, C, S)
+    counts, work = np.zeros(C, f32), np.zeros(C, f32)
+    st = np.array([3, stored, -5], np.int64)          # a stream state past 2**63 (as int64 bits)
+    want = [P, g, vP, vg, U, Y, counts, (3, stored, -5)]
+    hp = np.array([0.03, 0.2, decay, replay], f32)
+    for _ in range(30):
+        h = rng.standard_normal(d).astype(f32)
+        label = int(rng.integers(C))
+        G = (h @ P.T / np.sqrt(d) - g).astype(f32)
+        wP, wg, wvP, wvg, wU, wY, wc, wst = want
+        want = head_step_twin(h, G, label, wP, wg, wvP, wvg, wU, wY, wst, 0.03, 0.2, decay, replay, wc)
+        _ff_head_step(h[None], G[None], label, P, g, vP, vg, U, Y, st, hp, counts, work)
+    for got, w in zip((P, g, vP, vg, U, counts), (*want[:5], want[6])):
         np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-5)
-    assert np.all(counts == len(picks))
+    np.testing.assert_array_equal(Y, want[5])
+    steps, n, state = want[7]
+    assert (int(st[0]), int(st[1]), int(st[2]) % (1 << 64)) == (steps, n, state)
+    assert np.all(counts == 30)                        # replayed steps add no count
 
 
 def test_ff_update_rms_first_step_moves_each_touched_parameter_by_about_lr():

@@ -30,6 +30,9 @@ MODELS = {"demo": [128, 256, 256, 6], "large": [561, 512, 512, 6]}
 QUICK_MODELS = {"demo": [16, 32, 32, 6], "large": [24, 48, 48, 6]}
 SCALE_WIDTHS = [128, 256, 512, 1024]
 IMPLS = ("edge-spl", "numpy", "torch")
+# (name, hidden learning, replay (None: the learner's default), batches): the default learner,
+# the same without latent replay (batch 1 only: a mini-batch step never replays), hidden FF on
+VARIANTS = (("head", False, None, ("1", "32")), ("head_replay0", False, 0, ("1",)), ("hidden", True, None, ("1", "32")))
 TARGETS = {"learn_vs_torch": 5.0, "learn_vs_numpy": 5.0, "roofline_fraction": 0.40,
            "live_vs_baked": 1.2, "warm_start_s": 1.0, "device_peak_rss_mb": 150.0,
            "delta_bytes_ratio": 0.25, "accuracy_cost_points": 0.5}
@@ -78,11 +81,12 @@ def _run(args, gas: str, rounds: int, work: str) -> dict:
     say("learn step ...")
     learn = {m: learn_step(sizes, rounds, block, roof) for m, sizes in models.items()}
     out["learn_step"] = learn
-    for key, variant in (("", "head"), ("_hidden", "hidden")):
-        out["learn_step" + key + "_per_s"] = {m: {str(b): {i: learn[m][variant][str(b)][i]["samples_per_s"]
-                                                            for i in IMPLS} for b in (1, 32)} for m in models}
-        out["roofline_fraction" + key] = {m: {str(b): {"edge-spl": learn[m][variant][str(b)]["edge-spl"]["roofline_fraction"]}
-                                              for b in (1, 32)} for m in models}
+    for variant, _, _, batches in VARIANTS:
+        key = "" if variant == "head" else "_" + variant
+        out["learn_step" + key + "_per_s"] = {m: {b: {i: learn[m][variant][b][i]["samples_per_s"]
+                                                       for i in IMPLS} for b in batches} for m in models}
+        out["roofline_fraction" + key] = {m: {b: {"edge-spl": learn[m][variant][b]["edge-spl"]["roofline_fraction"]}
+                                              for b in batches} for m in models}
 
     say("scaling with layer width ...")
     widths = [16, 32] if quick else SCALE_WIDTHS
@@ -104,7 +108,13 @@ def _run(args, gas: str, rounds: int, work: str) -> dict:
     out["startup"] = st
     out["warm_start_s"] = st["dev_env"]["warm_start_s"]
     out["cold_start_s"] = st["dev_env"]["cold_start_s"]
-    out["device_peak_rss_mb"] = st["dev_env"]["peak_rss_mb"]
+    # the device as deployed: with the AOT kernels when they could be built (docs/deploy.md)
+    deployed = "device_aot" if "skipped" not in st["device_aot"] else "dev_env"
+    out["device_peak_rss_mb"] = st[deployed]["peak_rss_mb"]
+    out["device_peak_rss_from"] = deployed
+    out["device_peak_rss_jit_mb"] = st["dev_env"]["peak_rss_mb"]
+    if deployed == "device_aot":
+        out["aot_start_s"] = st["device_aot"]["warm_start_s"]
 
     say("sync: delta bytes and encodings ...")
     out["sync"] = sync_section(gas, quick)
@@ -120,16 +130,16 @@ def _run(args, gas: str, rounds: int, work: str) -> dict:
 def learn_step(sizes, rounds: int, block: float, roof: Roofline) -> dict:
     _, exported = SL.make_model(sizes)
     res = {}
-    for variant in ("head", "hidden"):
-        hidden = variant == "hidden"
-        res[variant] = {}
-        for b in (1, 32):
+    for variant, hidden, replay, batches in VARIANTS:
+        res[variant] = {"replay": SL.HP["replay"] if replay is None else replay}
+        for b in map(int, batches):
             pool = SL.sample_pool(SL.learner_for(exported, hidden), b, hidden)
-            impls = {"edge-spl": SL.EdgeSplLearn(exported, hidden, b), "numpy": SL.NumpyLearn(exported, hidden, b),
-                     "torch": SL.TorchLearn(exported, hidden, b)}
+            impls = {"edge-spl": SL.EdgeSplLearn(exported, hidden, b, replay),
+                     "numpy": SL.NumpyLearn(exported, hidden, b, replay),
+                     "torch": SL.TorchLearn(exported, hidden, b, replay)}
             pools = {k: (impls[k].convert(pool) if k == "torch" else pool) for k in impls}
             # the same math: run each from the same start over the same samples, compare
-            check = {k: type(v)(exported, hidden, b) for k, v in impls.items()}
+            check = {k: type(v)(exported, hidden, b, replay) for k, v in impls.items()}
             for j in range(8):
                 for k, c in check.items():
                     c.step(pools[k][j])
@@ -144,7 +154,7 @@ def learn_step(sizes, rounds: int, block: float, roof: Roofline) -> dict:
                     c[0] += 1
                 return f
             t = per_call({k: stepper(k) for k in impls}, rounds, block)
-            w = SL.work(sizes, hidden, b, pool)
+            w = SL.work(sizes, hidden, b, pool, replay)
             t_min = roof.t_min(w["flops"], w["bytes"], w["working_set_bytes"])
             res[variant][str(b)] = {k: {"us_per_step": t[k] * 1e6, "samples_per_s": b / t[k],
                                         "roofline_fraction": t_min / t[k]} for k in impls}
@@ -209,7 +219,7 @@ def device_step(sizes, rounds: int, quick: bool) -> dict:
     rng = np.random.default_rng(1)
     X = rng.standard_normal((SL.POOL, sizes[0])).astype(np.float32)
     y = rng.integers(sizes[-1], size=SL.POOL)
-    learners = {v: SL.learner_for(exported, v == "hidden") for v in ("head", "hidden")}
+    learners = {v: SL.learner_for(exported, hidden, replay) for v, hidden, replay, _ in VARIANTS}
     counters = {v: [0] for v in learners}
 
     def stepper(v):
@@ -288,7 +298,7 @@ def targets(res: dict) -> dict:
     T = {}
     if "learn_step" not in res:
         return T
-    for variant in ("head", "hidden"):
+    for variant, _, _, _ in VARIANTS:
         d = res["learn_step"]["demo"][variant]["1"]
         T[f"learn_vs_torch_{variant}"] = _t(d["edge-spl"]["samples_per_s"] / d["torch"]["samples_per_s"],
                                             ">=", TARGETS["learn_vs_torch"])
@@ -296,11 +306,15 @@ def targets(res: dict) -> dict:
                                             ">=", TARGETS["learn_vs_numpy"])
         T[f"roofline_fraction_{variant}"] = _t(d["edge-spl"]["roofline_fraction"], ">=", TARGETS["roofline_fraction"])
     T["live_vs_baked_p50"] = _t(res["inference"]["demo"]["live_vs_baked_p50"], "<=", TARGETS["live_vs_baked"])
-    for env in ("dev_env", "device_install"):
+    for env, _, backend in SS.ENVIRONMENTS:
         s = res["startup"][env]
+        if "skipped" in s:
+            continue
         T[f"warm_start_s_{env}"] = _t(s["warm_start_s"], "<", TARGETS["warm_start_s"])
         T[f"device_peak_rss_mb_{env}"] = _t(s["peak_rss_mb"], "<", TARGETS["device_peak_rss_mb"])
         T[f"no_torch_in_device_{env}"] = _t(float(s["imports"]["torch_imported"]), "==", 0.0)
+        if backend == "aot":
+            T[f"no_numba_in_device_{env}"] = _t(float(s["imports"]["numba_imported"]), "==", 0.0)
     for config in ("head", "hidden"):
         f32 = res["sync"][config]["f32"]
         T[f"delta_bytes_ratio_{config}"] = _t(f32["delta_bytes_ratio"], "<=", TARGETS["delta_bytes_ratio"])
@@ -340,8 +354,8 @@ def print_tables(res: dict) -> None:
           + ", ".join(f"{int(k) >> 10} KiB {v:.0f} GB/s" for k, v in roof["bandwidth_gbs_by_working_set"].items()))
     rows = []
     for m, sizes in res["models"].items():
-        for variant in ("head", "hidden"):
-            for b in ("1", "32"):
+        for variant, _, _, batches in VARIANTS:
+            for b in batches:
                 d = res["learn_step"][m][variant][b]
                 rows.append([f"{m} {'-'.join(map(str, sizes))}", variant, b]
                             + [f"{d[i]['samples_per_s']:,.0f}" for i in IMPLS]
@@ -372,16 +386,21 @@ def print_tables(res: dict) -> None:
            [[m, v, f"{d['p50_us']:.1f}", f"{d['p99_us']:.1f}"] for m, dd in res["device_step"].items()
             for v, d in dd.items()])
     st = res["startup"]
-    _table(f"Start-up and footprint (edge-spl device, offline; RSS over {st['stream_samples']} samples)",
-           ["environment", "cold start s", "warm start s", "peak RSS MB", "RSS no numba", "torch", "scipy", "paho",
-            "numpy s", "numba s", "onnxruntime s"],
-           [[env, f"{st[env]['cold_start_s']:.2f}", f"{st[env]['warm_start_s']:.2f}", f"{st[env]['peak_rss_mb']:.0f}",
-             f"{st[env]['peak_rss_without_numba_mb']:.0f}",
-             "yes" if st[env]["imports"]["torch_imported"] else "no",
-             "yes" if st[env]["imports"]["scipy_imported"] else "no",
-             "yes" if st[env]["imports"]["paho_imported"] else "no"]
-            + [f"{st[env]['imports']['import_s'].get(k, float('nan')):.2f}" for k in ("numpy", "numba", "onnxruntime")]
-            for env in ("dev_env", "device_install")])
+    rows = []
+    for env, _, backend in SS.ENVIRONMENTS:
+        e = st[env]
+        if "skipped" in e:
+            rows.append([env, backend, "skipped"] + [""] * 10)
+            continue
+        rows.append([env, backend, f"{e['cold_start_s']:.2f}", f"{e['warm_start_s']:.2f}", f"{e['peak_rss_mb']:.0f}",
+                     f"{e['peak_rss_without_numba_mb']:.0f}"]
+                    + ["yes" if e["imports"][f"{k}_imported"] else "no" for k in ("torch", "scipy", "paho", "numba")]
+                    + [f"{e['imports']['import_s'].get(k, float('nan')):.2f}" for k in ("numpy", "numba", "onnxruntime")])
+    ab = st["aot_build"]
+    _table(f"Start-up and footprint (edge-spl device, offline; RSS over {st['stream_samples']} samples; "
+           + (f"AOT kernels built in {ab['build_s']:.1f} s)" if "build_s" in ab else f"AOT build skipped: {ab['skipped']})"),
+           ["environment", "kernels", "cold start s", "warm start s", "peak RSS MB", "RSS no numba", "torch", "scipy",
+            "paho", "numba", "numpy s", "numba s", "onnxruntime s"], rows)
     sy = res["sync"]
     _table(f"Sync (one device, {sy['samples']} gas samples, a delta per 100; dense f32 = all P, g as float32)",
            ["learning", "encoding", "delta bytes", "of dense", "release bytes", "max rel err", "accuracy",

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from edge_spl.device.kernels import RMS_EPS, _ff_update_batch, _ff_update_rms_batch
+from edge_spl.device.kernels import RMS_EPS, _ff_update_batch, _ff_update_rms_batch, replay_picks
 from edge_spl.device.learner import FFLearner
 from edge_spl.export.onnx_export import export_model
 from edge_spl.model import init_model
@@ -44,10 +44,12 @@ def make_model(sizes, seed: int = 0):
     return state, exported
 
 
-def learner_for(exported, hidden: bool) -> FFLearner:
+def learner_for(exported, hidden: bool, replay: int | None = None) -> FFLearner:
     kw = dict(HP)
     if not hidden:
         kw["lr_hidden"] = 0.0
+    if replay is not None:
+        kw["replay"] = replay
     return FFLearner(exported, **kw)
 
 
@@ -94,8 +96,8 @@ def _top_mask(r: np.ndarray, k: int) -> np.ndarray:
 class EdgeSplLearn:
     """Batch 1: FFLearner._learn, the exact code the device runs. Batch B: the mini-batch kernels."""
 
-    def __init__(self, exported, hidden: bool, batch: int):
-        self.learner = learner_for(exported, hidden)
+    def __init__(self, exported, hidden: bool, batch: int, replay: int | None = None):
+        self.learner = learner_for(exported, hidden, replay)
         self.hidden, self.batch = hidden, batch
         L = self.learner
         self.n = L.n_layers
@@ -135,25 +137,28 @@ class EdgeSplLearn:
 
 class _Replay:
     """FFLearner's replay buffer for the numpy and torch versions: the last replay_size labelled
-    head inputs, and `replay` picks among them per labelled sample, drawn from the same seeded
-    generator as the learner's, so all three step the same samples."""
+    head inputs, and `replay` picks among them per labelled sample, drawn from the same
+    SplitMix64 stream as the learner's head kernel (kernels.replay_picks, vectorised numpy),
+    so all three step the same samples."""
 
-    def __init__(self, d_head: int, zeros):
+    def __init__(self, d_head: int, zeros, replay: int | None = None):
+        self.replay = HP["replay"] if replay is None else replay
         self.U = [zeros(d_head) for _ in range(HP["replay_size"])]
         self.Y = [0] * HP["replay_size"]
         self.n = 0
-        self.rng = np.random.default_rng(_DEFAULTS["seed"])
+        self.state = _DEFAULTS["seed"]   # FFLearner's replay_rng_ starts at its seed
 
     def picks(self) -> list:
         """The (input, label) pairs to replay after a labelled sample's own step."""
         n = min(self.n, HP["replay_size"])
-        if HP["replay"] == 0 or n == 0:
+        if self.replay == 0 or n == 0:
             return []
-        return [(self.U[i], self.Y[i]) for i in self.rng.integers(0, n, HP["replay"])]
+        self.state, idx = replay_picks(self.state, n, self.replay)
+        return [(self.U[i], self.Y[i]) for i in idx]
 
     def store(self, h, label: int) -> None:
         """Keep (h, label), replacing the oldest: after its replay, as the learner does."""
-        if HP["replay"] > 0:
+        if self.replay > 0:
             slot = self.n % HP["replay_size"]
             self.U[slot][:] = h
             self.Y[slot] = label
@@ -165,7 +170,7 @@ class _Replay:
 class NumpyLearn:
     """Vectorised float32 numpy, written as one would: fancy indexing, outer products, matmul."""
 
-    def __init__(self, exported, hidden: bool, batch: int):
+    def __init__(self, exported, hidden: bool, batch: int, replay: int | None = None):
         self.protos = [(P.copy(), g.copy()) for P, g in exported.protos]
         sizes = exported.manifest.sizes
         self.n = len(sizes) - 1
@@ -176,7 +181,7 @@ class NumpyLearn:
         self.vg = np.zeros(sizes[-1], np.float32)
         self.steps = 0
         self.inv = [np.float32(1.0 / math.sqrt(d)) for d, _ in layer_dims(sizes)]
-        self.replay = _Replay(layer_dims(sizes)[-1][0], lambda n: np.zeros(n, np.float32))
+        self.replay = _Replay(layer_dims(sizes)[-1][0], lambda n: np.zeros(n, np.float32), replay)
 
     def _head(self, gr: np.ndarray, e: np.ndarray, n: int) -> None:
         decay = HP["rms_decay"]
@@ -239,7 +244,7 @@ class NumpyLearn:
 class TorchLearn:
     """The numpy version's math with torch tensors, in place where torch allows it."""
 
-    def __init__(self, exported, hidden: bool, batch: int):
+    def __init__(self, exported, hidden: bool, batch: int, replay: int | None = None):
         import torch
         self.t = torch
         self.protos = [(torch.tensor(P), torch.tensor(g)) for P, g in exported.protos]
@@ -252,7 +257,7 @@ class TorchLearn:
         self.vg = torch.zeros(sizes[-1])
         self.steps = 0
         self.inv = [1.0 / math.sqrt(d) for d, _ in layer_dims(sizes)]
-        self.replay = _Replay(layer_dims(sizes)[-1][0], torch.zeros)
+        self.replay = _Replay(layer_dims(sizes)[-1][0], torch.zeros, replay)
 
     def convert(self, pool: list[dict]) -> list[dict]:
         """The pool as tensors, converted before timing (a torch device would have them so)."""
@@ -322,7 +327,7 @@ class TorchLearn:
 
 # -- work counted for the roofline -----------------------------------------------------------------
 
-def work(sizes, hidden: bool, batch: int, pool: list[dict] | None = None) -> dict:
+def work(sizes, hidden: bool, batch: int, pool: list[dict] | None = None, replay: int | None = None) -> dict:
     """FLOPs, bytes and working set of one learn step (minimum traffic: every touched P and vP
     element read and written once, every input read once; exp/sqrt/div count as one FLOP).
     head, per element of the C x d head: gradient 1, v 4, step 6 (v/corr, +eps, sqrt, lr*gr, /, -)
@@ -334,8 +339,8 @@ def work(sizes, hidden: bool, batch: int, pool: list[dict] | None = None) -> dic
     flops = C * d * (11 if B == 1 else 10 + 2 * B) + B * C * 10
     nbytes = C * d * 16 + B * d * 4 + B * C * 8 + C * 12
     ws = C * d * 8 + B * d * 4
-    if B == 1 and HP["replay"] > 0:
-        R = HP["replay"]
+    R = HP["replay"] if replay is None else replay
+    if B == 1 and R > 0:
         flops += R * (C * d * 13 + C * 10)
         nbytes += R * d * 4 + d * 4            # the replayed inputs read, this one stored
         ws += HP["replay_size"] * d * 4

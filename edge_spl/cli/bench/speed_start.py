@@ -1,6 +1,7 @@
 """Start-up and footprint of `edge-spl device`, each run a real child process, offline:
 time from process start to the first prediction line with an empty and with a warm numba cache,
-peak RSS over the demo stream, and what the process imports (no torch)."""
+and with the kernels compiled ahead of time (edge_spl.device.aot: no numba at run time); peak
+RSS over the demo stream, and what the process imports (no torch)."""
 from __future__ import annotations
 
 import os
@@ -74,11 +75,13 @@ def write_inputs(work: str, gas_dir: str, stream_lines: int | None) -> dict:
 
 def run_device(model_dir: str, source: str, state_dir: str, cache_dir: str, *, label: str | None = None,
                quiet: bool = False, hook: str | None = None, importtime: bool = False,
-               rss: bool = False, timeout: float = 300.0) -> dict:
+               rss: bool = False, timeout: float = 300.0, kernels: dict | None = None) -> dict:
     """One `edge-spl device` child. Returns seconds to its first stdout line and in total, and
     stderr; with rss=True it runs under the launcher and its own peak RSS is returned too.
-    `hook`: a folder with a sitecustomize.py to put first on the child's PYTHONPATH."""
+    `hook`: a folder with a sitecustomize.py to put first on the child's PYTHONPATH.
+    `kernels`: EDGE_SPL_KERNELS / EDGE_SPL_KERNEL_DIR for the child (default: forced JIT)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONUNBUFFERED="1")
+    env.update(kernels or {"EDGE_SPL_KERNELS": "jit"})
     if hook:
         env["PYTHONPATH"] = hook + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = ([sys.executable, "-S", "-c", _LAUNCH] if rss else []) + [sys.executable] + (
@@ -134,7 +137,7 @@ def imports_of(stderr: str, modules: list[str] | None) -> dict:
     if modules is None:
         raise RuntimeError("the device child did not report its modules (the probe hook did not run)")
     return {"modules": modules, "torch_imported": "torch" in modules, "scipy_imported": "scipy" in modules,
-            "paho_imported": "paho" in modules, "import_s": cum}
+            "paho_imported": "paho" in modules, "numba_imported": "numba" in modules, "import_s": cum}
 
 
 _NO_NUMBA = """import sys
@@ -165,31 +168,57 @@ def rss_without_numba(model_dir: str, hook: str | None) -> float:
     return int(r.stderr.split("EDGE_SPL_BENCH_MAXRSS_KB ")[1].split()[0]) / 1024.0
 
 
+def build_aot(work: str) -> dict:
+    """Build the AOT kernel module into a fresh folder, in a child (as a device's install step
+    would); returns the folder and the build seconds, or why it could not be built."""
+    folder = tempfile.mkdtemp(prefix="kernels-", dir=work)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "edge_spl.device.aot", "--dir", folder],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        return {"skipped": (r.stderr or r.stdout).strip()[-500:]}
+    return {"dir": folder, "build_s": time.perf_counter() - t0}
+
+
+# (name, block scipy, kernels): the JIT in this venv; the JIT as a device installs it (no
+# scipy); the AOT module as a device installs it (no scipy, no numba imported)
+ENVIRONMENTS = (("dev_env", False, "jit"), ("device_install", True, "jit"), ("device_aot", True, "aot"))
+
+
 def measure(model_dir: str, gas_dir: str, work: str, quick: bool, rounds: int) -> dict:
     """Cold and warm starts (fresh NUMBA_CACHE_DIR, then the same one again), in this
-    environment and with scipy hidden (a device install); peak RSS over the demo stream."""
+    environment, with scipy hidden (a device install), and with the AOT kernels; peak RSS over
+    the demo stream."""
     inp = write_inputs(work, gas_dir, 300 if quick else None)
-    out: dict = {"stream_samples": inp["stream_samples"]}
-    for env_name, blocker in (("dev_env", None), ("device_install", inp["no_scipy"])):
+    out: dict = {"stream_samples": inp["stream_samples"], "aot_build": build_aot(work)}
+    for env_name, no_scipy, backend in ENVIRONMENTS:
+        if backend == "aot":
+            if "skipped" in out["aot_build"]:
+                out[env_name] = {"skipped": out["aot_build"]["skipped"]}
+                continue
+            kernels = {"EDGE_SPL_KERNELS": "aot", "EDGE_SPL_KERNEL_DIR": out["aot_build"]["dir"]}
+        else:
+            kernels = {"EDGE_SPL_KERNELS": "jit"}
+        blocker = inp["no_scipy"] if no_scipy else None
         probe = blocker or inp["probe"]
         colds, warms = [], []
         for r in range(1 if quick else max(1, min(rounds, 3))):
             cache = tempfile.mkdtemp(prefix="numba-cache-", dir=work)
             state = tempfile.mkdtemp(prefix="state-", dir=work)
-            cold = run_device(model_dir, inp["small"], state, cache, label="label", hook=blocker)
+            cold = run_device(model_dir, inp["small"], state, cache, label="label", hook=blocker, kernels=kernels)
             colds.append(cold["first_line_s"])
             for _ in range(2):
                 warm = run_device(model_dir, inp["small"], tempfile.mkdtemp(prefix="state-", dir=work),
-                                  cache, label="label", hook=blocker)
+                                  cache, label="label", hook=blocker, kernels=kernels)
                 warms.append(warm["first_line_s"])
-        out[env_name] = {"cold_start_s": float(np.median(colds)), "warm_start_s": float(np.median(warms)),
-                         "cold_runs_s": colds, "warm_runs_s": warms}
+        out[env_name] = {"kernels": backend, "cold_start_s": float(np.median(colds)),
+                         "warm_start_s": float(np.median(warms)), "cold_runs_s": colds, "warm_runs_s": warms}
         rss = run_device(model_dir, inp["stream"], tempfile.mkdtemp(prefix="state-", dir=work), cache,
-                         quiet=True, hook=blocker, rss=True)
+                         quiet=True, hook=blocker, rss=True, kernels=kernels)
         out[env_name]["peak_rss_mb"] = rss["peak_rss_mb"]
         out[env_name]["peak_rss_without_numba_mb"] = rss_without_numba(model_dir, blocker)
         out[env_name]["stream_s"] = rss["total_s"]
         it = run_device(model_dir, inp["small"], tempfile.mkdtemp(prefix="state-", dir=work), cache,
-                        label="label", hook=probe, importtime=True)
+                        label="label", hook=probe, importtime=True, kernels=kernels)
         out[env_name]["imports"] = imports_of(it["stderr"], it["modules"])
     return out
