@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "`edge-spl keys`); unsigned or mis-signed ones are refused and counted")
     d.add_argument("--replay", type=int, default=16, metavar="N",
                    help="after each label, replay N head steps on recent labelled samples (default 16; 0 = off)")
+    d.add_argument("--alpha", type=float, default=0.003, metavar="RATE",
+                   help="rate of the running re-standardisation of the inputs (default 0.003); 0 keeps "
+                        "the training statistics, better for a stream that dwells in one state for "
+                        "hours, such as room occupancy (docs/device.md)")
     add_max_packet(d)
     add_broker_auth(d)
 

@@ -158,7 +158,7 @@ def _run(args, sync: DeviceSync | None) -> int:
     try:
         learner = FFLearner(model, device_id=args.id, seed=zlib.crc32(args.id.encode()),
                             lr_head=args.lr_head, lr_gate=args.lr_gate, lr_hidden=args.lr_hidden,
-                            replay=args.replay)
+                            replay=args.replay, alpha=args.alpha)
     except ValueError as e:   # "<name> = <value>: expected ...": name the flag instead
         name, _, rest = str(e).partition(" = ")
         raise EdgeSplError(f"--{name.replace('_', '-')} = {rest}") from None
