@@ -71,6 +71,7 @@ def load(folder: str | None = None, required: bool = False):
     load: logged). required=True raises instead of returning None."""
     path = module_path(folder)
     if not os.path.isfile(path):
+        _warn_if_stale(os.path.dirname(path))
         if required:
             raise ImportError(f"no AOT kernel module {path} for this kernel source; build it with "
                               "`python -m edge_spl.device.aot`")
@@ -86,6 +87,18 @@ def load(folder: str | None = None, required: bool = False):
             raise
         log.warning("AOT kernel module %s does not load (%s); using numba's JIT", path, e)
         return None
+
+
+def _warn_if_stale(folder: str) -> None:
+    """A build of other sources (edge-spl, Python or numpy upgraded since) is a lost install
+    step, not an error: say so, since the device then runs on the JIT and its larger footprint."""
+    try:
+        old = [p for p in os.listdir(folder) if p.startswith("edge_spl_kernels_")]
+    except OSError:
+        return
+    if old:
+        log.warning("the AOT kernel module in %s was built from other sources (%s); the kernels run on "
+                    "numba's JIT until `python -m edge_spl.device.aot` builds it again", folder, old[0])
 
 
 def _forwarder(kernel, n_args: int):

@@ -162,41 +162,55 @@ def _pick(s, n):
 
 
 @kernel(fast=True)
-def _head_update(h, G, label, P, g, vP, vg, lr, lr_gate, decay, power):
+def _head_update(h, G, label, P, g, vP, vg, lr, lr_gate, decay, power, nxt, G_next, e):
     """One label-conditioned FF step of the head on input h with routing G: every class row
     moves, target 1 for `label` and 0 for the others. With decay > 0 it is the rule of
     `_ff_update_rms`, bias-corrected by corr = 1 - decay**n after n steps, where
     power = decay**(n - 1) is passed in (a running product: one pow per kernel call, not per
-    step); with decay = 0 the rule of `_ff_update`. float32 arithmetic. Returns decay**n."""
+    step); with decay = 0 the rule of `_ff_update`. float32 arithmetic. Returns decay**n.
+
+    While each row is updated, the routing of the next input `nxt` on the updated head is
+    accumulated into G_next (so the next step needs no pass of its own over P); e: float32 [C]
+    scratch."""
     C, d = P.shape
     inv_sqrt = np.float32(1.0 / math.sqrt(d))
+    for j in range(C):   # the sigmoids first: C independent exp calls pipeline
+        t = _ONE32 if j == label else _ZERO32
+        e[j] = _ONE32 / (_ONE32 + math.exp(-G[j])) - t
     if decay > 0:
         power *= decay
         inv_corr = np.float32(1.0 / (1.0 - power))
         keep = _ONE32 - decay
         for j in range(C):
-            t = _ONE32 if j == label else _ZERO32
-            e = _ONE32 / (_ONE32 + math.exp(-G[j])) - t
-            c = e * inv_sqrt
+            c = e[j] * inv_sqrt
             Pj = P[j]
             vPj = vP[j]
+            acc = _ZERO32
             for k in range(d):
                 gr = c * h[k]
                 v = decay * vPj[k] + keep * gr * gr
                 vPj[k] = v
-                Pj[k] -= lr * gr / math.sqrt(v * inv_corr + _EPS32)
-            v = decay * vg[j] + keep * e * e
+                p = Pj[k] - lr * gr / math.sqrt(v * inv_corr + _EPS32)
+                Pj[k] = p
+                acc += nxt[k] * p
+            G_next[j] = acc * inv_sqrt
+        for j in range(C):   # the gates after the rows: C independent sqrt/div chains pipeline
+            ej = e[j]
+            v = decay * vg[j] + keep * ej * ej
             vg[j] = v
-            g[j] += lr_gate * e / math.sqrt(v * inv_corr + _EPS32)
+            g[j] += lr_gate * ej / math.sqrt(v * inv_corr + _EPS32)
+            G_next[j] -= g[j]
     else:
         for j in range(C):
-            t = _ONE32 if j == label else _ZERO32
-            e = lr * (_ONE32 / (_ONE32 + math.exp(-G[j])) - t)
-            c = e * inv_sqrt
+            c = lr * e[j] * inv_sqrt
             Pj = P[j]
+            acc = _ZERO32
             for k in range(d):
-                Pj[k] -= c * h[k]
-            g[j] += e
+                p = Pj[k] - c * h[k]
+                Pj[k] = p
+                acc += nxt[k] * p
+            g[j] += lr * e[j]
+            G_next[j] = acc * inv_sqrt - g[j]
     return power
 
 
@@ -208,43 +222,45 @@ def _ff_head_step(H, G, label, P, g, vP, vg, U, Y, st, hp, counts, work):
          (`_head_update`); counts += 1 on every class row;
       2. latent replay: `replay` more head steps, each on a stored input U[i] with its label
          Y[i], i drawn uniformly (with replacement) from the min(st[1], len(U)) stored ones by
-         the SplitMix64 stream at st[2], routing recomputed from the current P, g (into `work`,
-         float32 [C]); a replayed step adds no count (it is not a new sample for the merge
-         weights);
+         the SplitMix64 stream at st[2], routing recomputed from the current P, g; a replayed
+         step adds no count (it is not a new sample for the merge weights);
       3. when replay > 0, H[0] and label are stored in the ring U, Y at slot st[1] % len(U).
     hp (float32 [4]): lr_head, lr_gate, rms_decay, replay (a whole number); packed, like st,
-    because every argument costs ~50 ns of call overhead.
+    because every argument costs ~50 ns of call overhead. work: float32 [2C] scratch.
     st (int64 [3]): RMS steps taken, inputs ever stored, the random stream's state (its bits
     as int64); updated in place."""
     lr, lr_gate, decay = hp[0], hp[1], hp[2]
     replay = np.int64(hp[3])
     h = H[0]
-    C, d = P.shape
+    C = P.shape[0]
+    e = work[:C]
+    G_next = work[C:]
     steps = st[0]
     power = float(decay) ** steps if decay > 0 else 0.0
-    power = _head_update(h, G[0], label, P, g, vP, vg, lr, lr_gate, decay, power)
-    for j in range(C):
-        counts[j] += 1.0
+    n = min(st[1], U.shape[0]) if replay > 0 else 0
+    todo = replay if n > 0 else 0
+    s = np.uint64(st[2])
+    # the next input is drawn before each step, so that step computes its routing (see
+    # _head_update); the last step computes one it does not need (its own input's)
+    i = 0
+    if todo > 0:
+        s, i = _pick(s, n)
+    power = _head_update(h, G[0], label, P, g, vP, vg, lr, lr_gate, decay, power,
+                         U[i] if todo > 0 else h, G_next, e)
     if decay > 0:
         steps += 1
+    for j in range(C):
+        counts[j] += 1.0
+    for r in range(todo):
+        u, y = U[i], Y[i]
+        if r + 1 < todo:
+            s, i = _pick(s, n)
+        power = _head_update(u, G_next, y, P, g, vP, vg, lr, lr_gate, decay, power, U[i], G_next, e)
+        if decay > 0:
+            steps += 1
+    if todo > 0:
+        st[2] = np.int64(s)
     if replay > 0:
-        n = min(st[1], U.shape[0])
-        if n > 0:
-            inv_sqrt = np.float32(1.0 / math.sqrt(d))
-            s = np.uint64(st[2])
-            for _ in range(replay):
-                s, i = _pick(s, n)
-                u = U[i]
-                for j in range(C):
-                    Pj = P[j]
-                    acc = _ZERO32
-                    for k in range(d):
-                        acc += u[k] * Pj[k]
-                    work[j] = acc * inv_sqrt - g[j]
-                power = _head_update(u, work, Y[i], P, g, vP, vg, lr, lr_gate, decay, power)
-                if decay > 0:
-                    steps += 1
-            st[2] = np.int64(s)
         slot = st[1] % U.shape[0]
         U[slot, :] = h
         Y[slot] = label

@@ -75,13 +75,14 @@ def test_no_module_falls_back_to_the_jit_and_required_says_how_to_build(tmp_path
     assert aot.main(["--dir", str(tmp_path), "--check"]) == 1
 
 
-def test_a_module_is_found_only_for_its_own_sources(built, monkeypatch):
+def test_a_module_is_found_only_for_its_own_sources(built, monkeypatch, caplog):
     folder, path, _ = built
     assert aot.load(str(folder)) is not None
     assert os.path.basename(path).startswith(aot.module_name())
     monkeypatch.setattr(np, "__version__", np.__version__ + ".post1")   # another numpy: another key
     assert not os.path.basename(path).startswith(aot.module_name())
     assert aot.load(str(folder)) is None
+    assert "built from other sources" in caplog.text
 
 
 def test_a_broken_module_file_is_logged_and_skipped(tmp_path, caplog):

@@ -55,7 +55,9 @@ def run(args) -> int:
     torch.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="bench-speed-")
     t0 = time.perf_counter()
+    from edge_spl.device import kernels
     res: dict = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+                 "kernels": kernels.BACKEND,   # the learn step in this process: numba JIT or the AOT module
                  "quick": bool(args.quick), "rounds": rounds}
     try:
         res.update(_run(args, gas, rounds, work))
@@ -346,7 +348,7 @@ def _table(title: str, head: list, rows: list) -> None:
 
 
 def print_tables(res: dict) -> None:
-    print(f"edge-spl bench speed: {res['machine']['cpu']}, {res['rounds']} rounds"
+    print(f"edge-spl bench speed: {res['machine']['cpu']}, {res['rounds']} rounds, kernels: {res['kernels']}"
           f"{' (quick: tiny sizes, figures mean nothing)' if res['quick'] else ''}")
     roof = res["roofline"]
     print(f"1-core roofline: peak fp32 GEMM {roof['peak_fp32_gflops']:.1f} GFLOP/s ({roof['peak_from']}); "
