@@ -127,11 +127,15 @@ class DeviceSync:
     def _status(self, online: bool) -> bytes:
         return status_payload(self.device_id, online, self.version, self.samples, self.outbox)
 
-    def start(self, wait: float) -> None:
+    def start(self, wait: float, required: bool = True) -> None:
         """Connect, retrying until `wait` seconds have passed; then paho's thread keeps the
-        connection up (reconnecting with backoff)."""
+        connection up (reconnecting with backoff). With required=False (the device has its model
+        already), a broker that is not there yet is no error: paho's thread goes on trying in the
+        background and the device works offline meanwhile. A refused login or a failed TLS
+        handshake is an error either way: waiting does not heal it."""
         deadline = time.monotonic() + wait
         last = None
+        where = f"MQTT broker {self.host}:{self.port}"
         while True:
             try:
                 self.client.connect(self.host, self.port, keepalive=30)
@@ -139,19 +143,26 @@ class DeviceSync:
             except (OSError, ValueError) as e:   # refused, unreachable, unresolvable, timeout, TLS
                 last, permanent = connect_error(e, self.auth.tls)
                 if permanent:
-                    raise EdgeSplError(f"cannot connect to MQTT broker {self.host}:{self.port}: "
-                                       f"{last}") from None
+                    raise EdgeSplError(f"cannot connect to {where}: {last}") from None
             if time.monotonic() >= deadline:
-                raise EdgeSplError(f"cannot reach MQTT broker {self.host}:{self.port} ({last})")
+                if required:
+                    raise EdgeSplError(f"cannot reach {where} ({last})")
+                log.warning("cannot reach %s (%s); working offline and connecting in the background",
+                            where, last)
+                self.client.connect_async(self.host, self.port, keepalive=30)
+                self.client.loop_start()
+                self.started = True
+                return
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         self.client.loop_start()
         answer_by = max(deadline, time.monotonic() + 0.5)
         # a refusal (bad credentials) does not heal by waiting: give up at once
         while not self.connected.wait(0.05) and self.refused is None and time.monotonic() < answer_by:
             pass
-        if not self.connected.is_set():
+        if not self.connected.is_set() and not required and not self.refused and not self.closed_unanswered:
+            log.warning("no answer from %s within %g s; working offline until it answers", where, wait)
+        elif not self.connected.is_set():
             self.close(publish_offline=False)
-            where = f"MQTT broker {self.host}:{self.port}"
             if self.refused:
                 raise EdgeSplError(f"{where} refused the connection: {self.refused}")
             if self.closed_unanswered:

@@ -112,8 +112,8 @@ def own_mosquitto(tmp_path):
         pytest.fail("no mosquitto binary: apt-get install mosquitto")
     procs = []
 
-    def start(extra: str = "") -> tuple[str, int]:
-        port = free_port()
+    def start(extra: str = "", port: int | None = None) -> tuple[str, int]:
+        port = port or free_port()
         folder = tmp_path / f"mosquitto-{port}"
         folder.mkdir()
         conf = folder / "mosquitto.conf"

@@ -199,8 +199,9 @@ def test_errors_are_one_line_without_traceback(tmp_path, tiny_model_dir):
     msg = one_line_error("--id", "d", "--source", str(tmp_path / "nope.csv"), "--state", state,
                          "--model", tiny_model_dir)
     assert "nope.csv: no such file" in msg
+    # without a model at hand the device needs the broker to pull one
     msg = one_line_error("--id", "d", "--source", src, "--state", state, "--broker", "127.0.0.1:1",
-                         "--wait", "2", "--model", tiny_model_dir)
+                         "--wait", "2")
     assert "cannot reach MQTT broker 127.0.0.1:1" in msg
     msg = one_line_error("--id", "d", "--source", src, "--state", state)
     assert "no model" in msg and "--model" in msg
@@ -217,3 +218,41 @@ def test_corrupt_state_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
     path.write_bytes(path.read_bytes()[:-50])
     code, _, err = run_cli(capsys, "--id", "d", "--source", src, "--state", str(state), "--model", tiny_model_dir)
     assert code == 2 and "device-state.bin" in err and "corrupt" in err
+
+
+def test_a_device_with_its_model_starts_while_the_broker_is_down_and_syncs_when_it_comes(
+        tmp_path, tiny_model_dir, own_mosquitto, fleet):
+    """A device that has its model works offline while the broker is down (a service must not sit
+    in a restart loop with its sensor data waiting), then connects in the background and sends what
+    it learned."""
+    from conftest import free_port
+    from edge_spl.server.service import Server
+
+    port = free_port()
+    state = tmp_path / "state"
+    dev = subprocess.Popen(EDGE_SPL + ["device", "--broker", f"127.0.0.1:{port}", "--fleet", fleet, "--id", "d1",
+                                       "--source", "-", "--state", str(state), "--model", tiny_model_dir,
+                                       "--label", "y", "--sync-every", "10", "--quiet", "--wait", "20"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = open(write_csv(tmp_path / "s.csv", n=60)).read().splitlines(keepends=True)
+    dev.stdin.write("".join(lines[:31]))       # header + 30 samples, learned offline
+    dev.stdin.flush()
+    deadline = time.monotonic() + 30
+    while not (state / "device-state.bin").exists():
+        assert dev.poll() is None and time.monotonic() < deadline, dev.stderr.read()
+        time.sleep(0.1)
+    broker = own_mosquitto(port=port)
+    server = Server(broker, tiny_model_dir, str(tmp_path / "srv"), fleet=fleet, merge_every=0.2).start()
+    try:
+        dev.stdin.write("".join(lines[31:]))
+        dev.stdin.close()
+        assert dev.wait(60) == 0
+        err = dev.stderr.read()
+        assert "working offline" in err and "connected to" in err, err
+        summary = json.loads((state / "summary.json").read_text())
+        assert summary["samples"] == 60 and summary["outbox"] == 0 and summary["versions_adopted"], summary
+        assert server.version >= 1
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+        server.stop()

@@ -101,6 +101,9 @@ def test_status_shows_online_offline_and_killed_devices(tmp_path, tiny_model_dir
         assert table["done"][:2] == ["done", "offline"]
         assert table["done"][3] == "40" and table["done"][2].startswith("v")   # its last health record
         assert table["done"][5].endswith("s ago")
+        # its goodbye says what it ended with, after the last release covered its outbox
+        summary = json.loads((tmp_path / "done" / "summary.json").read_text())
+        assert table["done"][2].split()[0] == f"v{summary['version']}" and table["done"][4] == "0" == str(summary["outbox"])
         assert table["live"][1] == "online" and int(table["live"][3]) >= 20
         assert table["killed"][1:3] == ["offline", "-"]       # the will carries no figures
         assert f"release v{server.version}" in got.stdout.splitlines()[0]

@@ -19,7 +19,7 @@ from edge_spl.device.learner import FFLearner
 from edge_spl.device.state import load_model, load_state, save_model, save_state
 from edge_spl.errors import DataError, EdgeSplError, ModelError, ProtocolError
 from edge_spl.files import atomic_write_bytes, lock_folder
-from edge_spl.manifest import ExportedModel
+from edge_spl.manifest import MANIFEST_FILE, ExportedModel
 from edge_spl.mqtt_auth import MqttAuth
 from edge_spl.protocol import LayerDelta, PrototypeDelta, Topics, check_name, split_delta
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:   # paho-mqtt is imported only with --broker: an offline start
 log = logging.getLogger("edge_spl.device")
 SUMMARY_FILE = "summary.json"
 FIRST_RELEASE_WAIT = 3.0   # a fresh device waits this long for the fleet's retained release
+LOCAL_MODEL_WAIT = 5.0     # how long a device that has its model waits for the broker before working offline
 QUIET_EVERY = 500
 # An outstanding delta not covered by a release this long after it was sent goes out again, even
 # without a reconnect: the server may have lost it after its PUBACK (a crash before the round was
@@ -92,7 +93,10 @@ def run(args) -> int:
                               verify_key=verify_key)
             if verify_key is not None:
                 log.info("adopting only releases signed by key %s", verify_key.key_id)
-            sync.start(args.wait)
+            # with the model at hand, a broker that is down must not keep the sensor data waiting
+            # (nor a service in a restart loop): the device works offline and connects later
+            have_model = bool(args.model) or os.path.isfile(os.path.join(args.state, MANIFEST_FILE))
+            sync.start(min(args.wait, LOCAL_MODEL_WAIT) if have_model else args.wait, required=not have_model)
         return _run(args, sync)
     finally:
         if sync is not None:
@@ -230,8 +234,7 @@ def _run(args, sync: DeviceSync | None) -> int:
             sent_at[dlt.seq] = time.monotonic()
             c.deltas_pushed += 1
         if sync is not None:
-            sync.version, sync.samples, sync.outbox = (learner.base_version_, learner.n_samples_,
-                                                       len(learner.outstanding_))
+            _report(sync, learner)
             sync.publish_status()
         out.flush()   # a reader on a pipe sees predictions at least once per sync
 
@@ -297,6 +300,10 @@ def _run(args, sync: DeviceSync | None) -> int:
                 print(c.line(learner), flush=True)
         c.seconds = time.perf_counter() - c.t0
         if sync is not None:
+            if not sync.connected.is_set() and any(np.any(n > 0) for n in learner.counts_):
+                # learned offline: give the broker up to --wait to come back for the last delta
+                log.info("the stream ended while the broker is away; waiting up to %g s for it", args.wait)
+                sync.connected.wait(args.wait)
             do_sync()
             _wait_for_cover(args, sync, learner, c, apply, flush_outbox)
             if last_info is not None:
@@ -316,9 +323,16 @@ def _run(args, sync: DeviceSync | None) -> int:
         out.flush()
         save_state(learner, args.state)
         _write_summary(args, learner, sync, c)
+        if sync is not None:
+            _report(sync, learner)   # what the offline status says when the device stops
     print(("" if args.quiet else "done: ") + c.line(learner),
           file=sys.stdout if args.quiet else sys.stderr, flush=True)
     return 0
+
+
+def _report(sync: DeviceSync, learner: FFLearner) -> None:
+    """The figures of the device's next status message."""
+    sync.version, sync.samples, sync.outbox = learner.base_version_, learner.n_samples_, len(learner.outstanding_)
 
 
 def _wait_for_cover(args, sync, learner, c, apply, flush_outbox) -> None:
