@@ -656,3 +656,31 @@ def test_deltas_learned_on_another_model_of_the_same_shapes_are_refused(fleet_en
     dev.send("d1", P.encode_delta(mine))
     ack = json.loads(dev.next("ack", lambda t, p: t.endswith("/ack/d1"), "ack")[1])
     assert ack["accepted"] is True and ack["version"] == 1
+
+
+def test_cli_parsing_mistakes_name_themselves(tmp_path, tiny_model_dir):
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "edge_spl", *argv], capture_output=True, text=True, timeout=60)
+
+    # a mistyped option of `server` is not taken for its optional ACTION (rollback)
+    p = run("server", "--broker", "127.0.0.1:1", "--model", tiny_model_dir, "--state", str(tmp_path / "s"),
+            "--merge-evry", "2")
+    assert p.returncode == 2 and "unrecognized arguments: --merge-evry 2" in p.stderr
+    assert "usage: edge-spl server" in p.stderr and "invalid choice" not in p.stderr
+    # no abbreviations: --lab is not --label
+    p = run("device", "--id", "d", "--source", "-", "--state", str(tmp_path / "d"), "--lab", "y")
+    assert p.returncode == 2 and "unrecognized arguments: --lab y" in p.stderr and "usage: edge-spl device" in p.stderr
+    # -v after the command too
+    assert "-v, --verbose" in run("status", "--help").stdout
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_a_missing_role_dependency_is_named_with_its_extra(tmp_path, gas_dir, tiny_model_dir, command):
+    argv = (["train", "--data", gas_dir, "--out", str(tmp_path / "m"), "--epochs", "1"] if command == "train"
+            else ["export", tiny_model_dir])
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
+            f"from edge_spl.cli import main; sys.exit(main({argv!r}))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "missing dependency" in p.stderr and "pip install 'edge-spl[train]'" in p.stderr
+    assert "internal error" not in p.stderr and "Traceback" not in p.stderr

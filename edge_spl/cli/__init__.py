@@ -119,12 +119,11 @@ def positive_int(text: str) -> int:
     return v
 
 
-def add_broker_auth(p: argparse.ArgumentParser) -> None:
+def add_broker_auth(p: argparse.ArgumentParser, user_help: str) -> None:
     """The broker's credentials and TLS, the same for every command that connects
     (edge_spl.mqtt_auth.MqttAuth.from_args reads them; docs/mosquitto.md sets up a broker)."""
     g = p.add_argument_group("broker login and TLS (docs/mosquitto.md)")
-    g.add_argument("--username", metavar="NAME",
-                   help="MQTT user name (a device's is its --id, which the fleet ACL expects)")
+    g.add_argument("--username", metavar="NAME", help=user_help)
     g.add_argument("--password-file", metavar="FILE",
                    help="file holding the MQTT password (less a trailing newline); or set "
                         "$EDGE_SPL_MQTT_PASSWORD. Never on the command line")
@@ -165,7 +164,9 @@ def version_number(text: str) -> int:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_rollback: bool = True) -> argparse.ArgumentParser:
+    """with_rollback=False leaves out `server rollback`: an optional sub-command takes the first
+    stray word, so a mistyped option of `edge-spl server` would be reported as a bad ACTION."""
     p = argparse.ArgumentParser(
         prog="edge-spl",
         description="Sparse ProtoLinear models for sensor streams: pretrain and export on a "
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the training statistics, better for a stream that dwells in one state for "
                         "hours, such as room occupancy (docs/device.md)")
     add_max_packet(d)
-    add_broker_auth(d)
+    add_broker_auth(d, "MQTT user name: the device id (--id), which the fleet ACL of docs/mosquitto.md expects")
 
     s = sub.add_parser("server", help="merge device deltas and publish prototype versions (needs [server])",
                        usage="edge-spl server --broker HOST:PORT --model MODEL_DIR --state DIR [options]\n"
@@ -258,27 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-count", type=positive_float, default=10000.0, metavar="N",
                    help="cap each delta row's sample count, its weight in the mean (default 10000)")
     add_max_packet(s)
-    add_broker_auth(s)
-    actions = s.add_subparsers(dest="server_action", metavar="ACTION", required=False)
-    # argument_default=SUPPRESS: an option given before `rollback` is not reset by its default here
-    r = actions.add_parser("rollback", help="publish an earlier version's prototypes as a new version",
-                           prog="edge-spl server rollback", argument_default=argparse.SUPPRESS,
-                           description="Store a new version (the latest + 1, so devices take it as newer) "
-                                       "whose prototypes are those of version --to, keeping the latest "
-                                       "merged marks (devices do not resend deltas already merged). With "
-                                       "--broker it is published (retained) at once; otherwise the next "
-                                       "`edge-spl server` on --state publishes it. Refuses while a server "
-                                       "runs on --state.")
-    r.add_argument("--to", type=version_number, required=True, metavar="VERSION",
-                   help="the version whose prototypes to go back to")
-    r.add_argument("--state", required=True, metavar="DIR", help="the server's --state folder")
-    r.add_argument("--model", required=True, metavar="MODEL_DIR", help="the server's exported model folder")
-    r.add_argument("--broker", type=broker_address, metavar="HOST:PORT",
-                   help="publish the new version there now (default: the next server start does)")
-    r.add_argument("--fleet", metavar="NAME", help="fleet name (default 'default')")
-    r.add_argument("--signing-key", metavar="FILE", help="sign the release with this private key")
-    add_broker_auth(r)
+    add_broker_auth(s, "MQTT user name of the server (edge-spl-server in docs/mosquitto.md)")
+    s.set_defaults(server_action=None)
     p.server_parser = s   # main() checks what serving needs
+    if with_rollback:
+        _add_rollback(s)
 
     k = sub.add_parser("keys", help="make the Ed25519 key pair that signs releases (needs [server])",
                        description="Write DIR/release.key, the private key (mode 0600; for `edge-spl "
@@ -300,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--wait", type=positive_seconds, default=2.0, metavar="SEC",
                     help="how long to collect the retained statuses (default 2)")
     st.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    add_broker_auth(st)
+    add_broker_auth(st, "MQTT user name (one that may read the fleet's status and release topics)")
 
-    m = sub.add_parser("demo", help="the whole loop on the gas drift data (needs [demo,train,device,server])",
+    m = sub.add_parser("demo", help="the whole loop on the gas drift data (needs [demo])",
                        description="Train on gas drift batch 1, export, start the server and N device "
                                    "processes that stream batches 2..6, and report frozen vs adapted accuracy.")
     m.add_argument("--data", default=None, metavar="DIR", help="gas drift folder (default ../shared/data/gas-sensor-drift)")
@@ -368,12 +353,65 @@ def build_parser() -> argparse.ArgumentParser:
                                    "For deployments use mosquitto (docs/deploy.md).")
     b.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     b.add_argument("--port", type=port_number, default=0, help="port (default: a free one, printed at start)")
+    _finish(p)
     return p
 
 
+def _add_rollback(s: argparse.ArgumentParser) -> None:
+    actions = s.add_subparsers(dest="server_action", metavar="ACTION", required=False)
+    # argument_default=SUPPRESS: an option given before `rollback` is not reset by its default here
+    r = actions.add_parser("rollback", help="publish an earlier version's prototypes as a new version",
+                           prog="edge-spl server rollback", argument_default=argparse.SUPPRESS,
+                           description="Store a new version (the latest + 1, so devices take it as newer) "
+                                       "whose prototypes are those of version --to, keeping the latest "
+                                       "merged marks (devices do not resend deltas already merged). With "
+                                       "--broker it is published (retained) at once; otherwise the next "
+                                       "`edge-spl server` on --state publishes it. Refuses while a server "
+                                       "runs on --state.")
+    r.add_argument("--to", type=version_number, required=True, metavar="VERSION",
+                   help="the version whose prototypes to go back to")
+    r.add_argument("--state", required=True, metavar="DIR", help="the server's --state folder")
+    r.add_argument("--model", required=True, metavar="MODEL_DIR", help="the server's exported model folder")
+    r.add_argument("--broker", type=broker_address, metavar="HOST:PORT",
+                   help="publish the new version there now (default: the next server start does)")
+    r.add_argument("--fleet", metavar="NAME", help="fleet name (default 'default')")
+    r.add_argument("--signing-key", metavar="FILE", help="sign the release with this private key")
+    add_broker_auth(r, "MQTT user name of the server")
+
+
+def _finish(p: argparse.ArgumentParser) -> None:
+    """On every (sub)parser: -v after the command too, and no abbreviated options (a prefix such
+    as --lab would otherwise be taken for --label without a word)."""
+    stack = [p]
+    while stack:
+        q = stack.pop()
+        q.allow_abbrev = False
+        if q is not p:
+            q.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="log debug messages")
+        for a in q._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                stack.extend(a.choices.values())
+
+
+def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The innermost (sub)parser that parsed `args`."""
+    q = parser
+    for dest in ("command", "bench_command", "server_action"):
+        name = getattr(args, dest, None)
+        sub = next((a for a in q._actions if isinstance(a, argparse._SubParsersAction) and a.dest == dest), None)
+        if name is None or sub is None:
+            continue
+        q = sub.choices[name]
+    return q
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(with_rollback="rollback" in argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # said by the command's own parser, with its usage, not the top-level one
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "server" and args.server_action is None:
         missing = [o for o in ("--broker", "--model", "--state") if getattr(args, o[2:]) is None]
         if missing:
@@ -391,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(args) or 0
+    except ModuleNotFoundError as e:
+        if (e.name or "edge_spl").split(".")[0] == "edge_spl":
+            raise
+        print(f"edge-spl {args.command}: missing dependency {e.name!r}; install it with "
+              f"pip install 'edge-spl[{extra}]'", file=sys.stderr)
+        return 2
     except EdgeSplError as e:
         print(f"edge-spl {args.command}: error: {e}", file=sys.stderr)
         return 2
