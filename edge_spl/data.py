@@ -108,6 +108,15 @@ def load_gas_batches(data_dir: str, batches) -> list[Dataset]:
 
 # -- CSV (occupancy and a user's own log) -----------------------------------------------------
 
+def columns(names: list[str], show: int = 6) -> str:
+    """Column names for a message: all of a few; of many, the count, the first and the last ones
+    (a label column is often last)."""
+    q = [repr(c) for c in names]
+    if len(q) <= show + 2:
+        return f"{len(q)} column{'s' if len(q) != 1 else ''}: {', '.join(q)}"
+    return f"{len(q)} columns: {', '.join(q[:show])}, ..., {', '.join(q[-2:])}"
+
+
 def _header(reader, where: str) -> list[str]:
     try:
         header = next(reader)
@@ -164,7 +173,7 @@ def load_csv(path: str, label: str | None = None, features: list[str] | None = N
         why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"not CSV ({e})"
         raise DataError(f"{path}:{line}: {why}; expected a CSV file with a header row") from None
     if label is not None and label not in header:
-        raise DataError(f"{path}: no label column {label!r}; columns are {header}")
+        raise DataError(f"{path}: no label column {label!r}; the header has {columns(header)}")
     for n, r in enumerate(rows, 2):
         if len(r) != len(header):
             raise DataError(f"{path}:{n}: {len(r)} fields, header has {len(header)}")
@@ -249,7 +258,7 @@ def iter_samples(source: str, feature_names: list[str], label: str | None = None
     f = getattr(sys.stdin, "buffer", sys.stdin) if source == "-" else _open_binary(source)
     try:
         lines = _lines(f, name, on_bad)
-        n, first = next(lines, (0, ""))
+        n, first = next(((k, t) for k, t in lines if t.strip()), (0, ""))   # blank lines before the header
         if not first:
             return
         first = first.lstrip("\ufeff")   # a byte-order mark, as spreadsheet programs write
@@ -273,10 +282,10 @@ def iter_samples(source: str, feature_names: list[str], label: str | None = None
         header = _header(csv.reader([first]), name)
         missing = [c for c in feature_names if c not in header]
         if missing:
-            raise DataError(f"{name}: CSV header lacks the model's feature columns {missing[:5]}"
-                            f"{' ...' if len(missing) > 5 else ''}; header is {header[:8]}")
+            raise DataError(f"{name}: CSV header lacks {len(missing)} of the model's {len(feature_names)} "
+                            f"feature columns ({columns(missing)}); the header has {columns(header)}")
         if label is not None and label not in header:
-            raise DataError(f"{name}: no label column {label!r}; columns are {header[:8]}")
+            raise DataError(f"{name}: no label column {label!r}; the header has {columns(header)}")
         cols = [header.index(c) for c in feature_names]
         li = header.index(label) if label is not None else None
         for n, line in lines:

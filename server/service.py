@@ -356,7 +356,7 @@ class Server:
                 self.stats.deltas_merged += len(accepted)
                 self.stats.versions_published += 1
                 devices = sorted({d.device for d in accepted})
-                log.info("version %d: merged %d deltas (%d rows) from %d devices: %s", version,
+                log.info("version %d: merged %d deltas (%d rows) from %d device(s): %s", version,
                          len(accepted), merge.touched_rows(accepted), len(devices), ", ".join(devices))
         for d in accepted:
             self._publish(self.topics.ack(d.device), ack_payload(d.device, d.seq, True, "merged", version))

@@ -155,7 +155,7 @@ def test_iter_samples_skips_bad_rows_and_keeps_going(tmp_path):
 def test_iter_samples_rejects_a_header_without_the_model_features(tmp_path):
     f = tmp_path / "stream.csv"
     f.write_text("x,y\n1,2\n")
-    with pytest.raises(DataError, match="lacks the model's feature columns"):
+    with pytest.raises(DataError, match="lacks 2 of the model.s 2 feature columns"):
         list(iter_samples(str(f), ["a", "b"]))
 
 
@@ -291,3 +291,18 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
         os.umask(old)
     assert (tmp_path / "f.bin").read_bytes() == b"abc"
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_csv_stream_skips_blank_lines_before_its_header_and_errors_name_columns_briefly(tmp_path):
+    p = tmp_path / "s.csv"
+    p.write_text("\n  \na,b,y\n1,2,c0\n\n3,4,\n")
+    got = list(iter_samples(str(p), ["a", "b"], "y"))
+    assert [(s.x.tolist(), s.label) for s in got] == [([1.0, 2.0], "c0"), ([3.0, 4.0], None)]
+    names = [f"f{i}" for i in range(128)] + ["gas"]
+    p.write_text(",".join(names) + "\n")
+    for kwargs in ({"feature_names": ["x"]}, {"feature_names": ["f0"], "label": "label"}):
+        with pytest.raises(DataError) as e:
+            list(iter_samples(str(p), **kwargs))
+        msg = str(e.value)
+        # the count, the first names and the last ones (where a label column usually is), not all 129
+        assert "129 columns" in msg and "'f0'" in msg and "'gas'" in msg and "..." in msg and len(msg) < 300

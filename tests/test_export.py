@@ -295,6 +295,13 @@ def test_cli_train_then_export(gas_dir, tmp_path):
         np.testing.assert_array_equal(g, L["g"])
     np.testing.assert_array_equal(np.float32(model.manifest.std), state.std)
 
+    # retraining into the folder removes the old export, which would be served as the new model
+    r = edge_spl("train", "--data", gas_dir, "--out", out, "--epochs", "2", "--quiet", "--seed", "1", cwd=tmp_path)
+    assert r.returncode == 0 and "removed the export" in r.stdout, r.stderr
+    assert not any((tmp_path / "gas" / f).exists() for f in ("manifest.json", "model.onnx", "prototypes.npz"))
+    r = edge_spl("export", out, cwd=tmp_path)
+    assert r.returncode == 0 and ExportedModel.load(out).manifest.onnx_sha256 != model.manifest.onnx_sha256
+
 
 @pytest.mark.parametrize("args, words", [
     (["--data", "/nonexistent"], "no such file"),

@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from edge_spl.data import Dataset, load_gas_batches, load_training_data
 from edge_spl.errors import DataError, EdgeSplError
 from edge_spl.files import atomic_write_bytes
 from edge_spl.model import ModelState
+from edge_spl.mqtt_session import short_session
+from edge_spl.protocol import Topics
 
 STREAM_BATCHES = [2, 3, 4, 5, 6]
 LABEL_COLUMN = "gas"
@@ -39,17 +40,39 @@ def _cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "edge_spl", *args]
 
 
-def _wait_port(host: str, port: int, proc: subprocess.Popen | None, timeout: float, what: str) -> None:
+def _wait_broker(host: str, port: int, proc: subprocess.Popen | None, timeout: float, what: str) -> None:
+    """Until an MQTT CONNECT is answered (a bare TCP probe would make the broker log an error)."""
     deadline = time.monotonic() + timeout
+    last = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise EdgeSplError(f"{what} exited with code {proc.returncode} before listening")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex((host, port)) == 0:
+        try:
+            with short_session((host, port), None, "demo-probe", timeout=min(2.0, timeout)):
                 return
-        time.sleep(0.1)
-    raise EdgeSplError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s")
+        except EdgeSplError as e:
+            last = str(e)
+        time.sleep(0.2)
+    raise EdgeSplError(f"{what} did not answer on {host}:{port} within {timeout:.0f} s ({last})")
+
+
+def _clear_fleet(broker: tuple[str, int], fleet: str, n_devices: int) -> None:
+    """Leave nothing of the demo on a broker that outlives it: the retained model, release and
+    statuses, and the server's persistent session (ended by a clean connect under its id)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    t = Topics(fleet)
+    try:
+        with short_session(broker, None, "demo-cleanup") as c:
+            for topic in [t.manifest, t.onnx, t.release] + [t.status(f"dev{k}") for k in range(n_devices)]:
+                c.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-spl-server-{fleet}", clean_session=True,
+                        protocol=mqtt.MQTTv311)
+        c.connect(*broker)
+        c.disconnect()
+    except (EdgeSplError, OSError, RuntimeError, ValueError) as e:
+        say(f"      could not clear fleet {fleet}'s retained messages from the broker ({e})")
 
 
 def _stop(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
@@ -108,7 +131,7 @@ def run(args) -> int:
         if not os.path.isfile(os.path.join(data_dir, f"batch{b}.dat")):
             raise DataError(f"{data_dir}: batch{b}.dat missing; the demo needs {DATASET_HELP}")
     if args.broker:   # fail before minutes of work, not after
-        _wait_port(*args.broker, None, 5, f"MQTT broker {args.broker[0]}:{args.broker[1]}")
+        _wait_broker(*args.broker, None, 5, f"MQTT broker {args.broker[0]}:{args.broker[1]}")
     out = os.path.abspath(args.out)
     model_dir, dev_dir = os.path.join(out, "model"), os.path.join(out, "devices")
     os.makedirs(dev_dir, exist_ok=True)
@@ -147,7 +170,7 @@ def run(args) -> int:
             log = open(os.path.join(out, "broker.log"), "w")
             logs.append(log)
             broker_proc = subprocess.Popen(_cmd("broker", "--port", str(port)), stdout=log, stderr=log)
-            _wait_port(host, port, broker_proc, 20, "embedded broker")
+            _wait_broker(host, port, broker_proc, 20, "embedded broker")
             say(f"[2/5] embedded MQTT broker on {host}:{port}")
         broker = f"{host}:{port}"
 
@@ -190,6 +213,8 @@ def run(args) -> int:
             _stop(p)
         _stop(server_proc)
         _stop(broker_proc)
+        if args.broker:
+            _clear_fleet(args.broker, fleet, args.devices)
         for f in logs:
             f.close()
 
@@ -291,13 +316,15 @@ def _plot(stream, path: str, window: int = 100) -> None:
     ax.plot(x, trailing_mean(ad, window) * 100, label="adapted on the devices (FF + sync)")
     for pos in np.flatnonzero(np.diff(b)) + 1:
         ax.axvline(pos, color="grey", lw=0.5)
-    for batch in np.unique(b):
-        ax.text(np.flatnonzero(b == batch).mean(), 2, f"batch {batch}", ha="center", fontsize=8)
+    # above the plot, staggered: short batches (4 and 5 hold ~200 samples) would overlap
+    for k, batch in enumerate(np.unique(b)):
+        ax.text(np.flatnonzero(b == batch).mean(), 101 + 4 * (k % 2), f"batch {batch}", ha="center",
+                va="bottom", fontsize=8, clip_on=False)
     ax.set_xlabel("sample in stream (time order)")
     ax.set_ylabel(f"accuracy, rolling {window} (%)")
     ax.set_ylim(0, 100)
     ax.legend(loc="lower left")
-    ax.set_title("edge-spl demo: gas sensor drift, batches 2-6")
+    ax.set_title("edge-spl demo: gas sensor drift, batches 2-6", pad=22)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

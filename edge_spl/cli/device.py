@@ -51,14 +51,15 @@ class Counters:
         acc = f"{self.correct / self.labeled:.1%}" if self.labeled else "-"
         rate = self.samples / max(self.seconds, 1e-9)
         return (f"{self.samples} samples, accuracy {acc} on {self.labeled} labeled, "
-                f"version {learner.base_version_}, {self.deltas_pushed} deltas pushed, {rate:.0f} samples/s")
+                f"version {learner.base_version_}, {self.deltas_pushed} delta{'' if self.deltas_pushed == 1 else 's'} "
+                f"pushed, {rate:.0f} samples/s")
 
 
 def run(args) -> int:
     check_name("device id", args.id)
     Topics(args.fleet)
     if args.source != "-" and not os.path.isfile(args.source):
-        raise DataError(f"{args.source}: no such file")
+        raise DataError(f"{args.source}: {'is a folder, expected a file' if os.path.isdir(args.source) else 'no such file'}")
     if args.wait < 0:
         raise EdgeSplError(f"--wait {args.wait:g}: expected a number of seconds >= 0")
     _check_predictions_path(args)
@@ -200,8 +201,11 @@ def _run(args, sync: DeviceSync | None) -> int:
                     c.rejected_seqs.add(ev.value["seq"])
                     log.warning("server rejected delta seq %s: %s", ev.value["seq"], ev.value["reason"])
             elif ev.kind == "manifest" and ev.value.onnx_sha256 != model.manifest.onnx_sha256:
-                log.warning("the fleet now runs model %s; this device keeps %s (start it with a new "
-                            "--state to switch)", ev.value.onnx_sha256[:12], model.manifest.onnx_sha256[:12])
+                where = "--model" if args.model else f"its state in {args.state}"
+                log.warning("fleet %s runs model %s; this device runs %s (from %s): the server refuses "
+                            "its deltas. Give the fleet's model, or run without --model on a new --state "
+                            "to pull it", args.fleet, ev.value.onnx_sha256[:12],
+                            model.manifest.onnx_sha256[:12], where)
 
     def flush_outbox():
         nonlocal last_info
@@ -299,6 +303,8 @@ def _run(args, sync: DeviceSync | None) -> int:
                 c.seconds = time.perf_counter() - c.t0
                 print(c.line(learner), flush=True)
         c.seconds = time.perf_counter() - c.t0
+        if c.samples == 0:
+            log.warning("%s held no samples", "stdin" if args.source == "-" else args.source)
         if sync is not None:
             if not sync.connected.is_set() and any(np.any(n > 0) for n in learner.counts_):
                 # learned offline: give the broker up to --wait to come back for the last delta
@@ -315,6 +321,9 @@ def _run(args, sync: DeviceSync | None) -> int:
                 except (ValueError, RuntimeError) as e:
                     log.warning("last delta may not have reached the broker (%s); it stays in the "
                                 "outbox in %s", e, args.state)
+            if c.rejected_seqs:
+                log.warning("the server refused %d of this device's deltas (the reasons are above)",
+                            len(c.rejected_seqs))
     finally:
         if c.seconds == 0.0:
             c.seconds = time.perf_counter() - c.t0

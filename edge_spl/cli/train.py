@@ -39,9 +39,13 @@ def run(args) -> int:
     state, report = pretrain(dataset, hidden=hidden, epochs=args.epochs, holdout=args.holdout,
                              seed=args.seed, progress=not args.quiet)
     try:
+        stale = _remove_export(args.out)
         state.save(args.out)
     except OSError as e:
         raise ModelError(f"--out {args.out}: cannot write the model ({e.strerror})") from None
+    if stale:
+        print(f"removed the export of the model this replaces ({', '.join(stale)}): run "
+              f"`edge-spl export {args.out}` again")
 
     if report["heldout_acc"] is None:
         acc = f"training accuracy {report['train_acc']:.3f} ({report['n_train']} samples, none held out)"
@@ -50,3 +54,17 @@ def run(args) -> int:
     active = " / ".join(f"{a:.0%}" for a in report["active"])
     print(f"{acc}, active units {active}, {report['seconds']:.1f} s, saved {args.out}")
     return 0
+
+
+def _remove_export(folder: str) -> list[str]:
+    """An export left beside a retrained model would be served (its manifest and ONNX agree with
+    each other) as if it were the new one: remove it, before the new model is written."""
+    from edge_spl.manifest import MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE
+
+    gone = []
+    for name in (MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE):   # the manifest first: no half export loads
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.unlink(path)
+            gone.append(name)
+    return gone
