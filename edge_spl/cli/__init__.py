@@ -206,7 +206,7 @@ def build_parser(with_rollback: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--source", required=True, metavar="FILE|-", help="CSV with header (or gas .dat) file, or - for stdin")
     d.add_argument("--state", required=True, metavar="DIR", help="folder for the device's durable state")
     d.add_argument("--model", metavar="MODEL_DIR", help="exported model folder; default: pull it from the broker")
-    d.add_argument("--label", metavar="COLUMN", help="CSV label column (absent or empty = unlabeled)")
+    d.add_argument("--label", metavar="COLUMN", help="CSV label column; an empty cell is an unlabeled sample (without --label every sample is)")
     d.add_argument("--label-every", type=positive_int, default=1, metavar="N",
                    help="learn from only every Nth label (simulates sparse labels; default 1 = all)")
     d.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default 'default')")
