@@ -141,9 +141,12 @@ class DeviceSync:
                 self.client.connect(self.host, self.port, keepalive=30)
                 break
             except (OSError, ValueError) as e:   # refused, unreachable, unresolvable, timeout, TLS
+                first = last is None
                 last, permanent = connect_error(e, self.auth.tls)
                 if permanent:
                     raise EdgeSplError(f"cannot connect to {where}: {last}") from None
+                if first:
+                    log.info("%s not reachable (%s); trying for up to %g s", where, last, wait)
             if time.monotonic() >= deadline:
                 if required:
                     raise EdgeSplError(f"cannot reach {where} ({last})")

@@ -246,6 +246,8 @@ def build_parser(with_rollback: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--state", metavar="DIR", help="folder for the version history, server.db (required)")
     s.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default 'default')")
     s.add_argument("--merge-every", type=positive_seconds, default=1.0, metavar="SEC", help="merge pending deltas this often (default 1)")
+    s.add_argument("--wait", type=seconds, default=30.0, metavar="SEC",
+                   help="how long to keep trying to reach the broker at start (default 30)")
     s.add_argument("--signing-key", metavar="FILE",
                    help="sign every release with this Ed25519 private key (release.key of `edge-spl "
                         "keys`); devices check them with --verify-key release.pub")

@@ -27,7 +27,8 @@ def run(args) -> int:
         log.info("signing releases with key %s", signing_key.key_id)
     server = Server(args.broker, args.model, args.state, fleet=args.fleet, merge_every=args.merge_every,
                     max_packet=args.max_packet, auth=MqttAuth.from_args(args), signing_key=signing_key,
-                    merge_rule=args.merge, clip_norm=args.clip_norm, max_count=args.max_count)
+                    merge_rule=args.merge, clip_norm=args.clip_norm, max_count=args.max_count,
+                    connect_timeout=args.wait)
 
     # Ctrl-C / SIGTERM only ask the loop to stop; it finishes the pending round, publishes it and
     # disconnects cleanly (a KeyboardInterrupt could land in the middle of a store transaction).
