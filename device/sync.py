@@ -145,7 +145,7 @@ class DeviceSync:
                 last, permanent = connect_error(e, self.auth.tls)
                 if permanent:
                     raise EdgeSplError(f"cannot connect to {where}: {last}") from None
-                if first:
+                if first and wait >= 5:   # a silent wait that long looks like a hang
                     log.info("%s not reachable (%s); trying for up to %g s", where, last, wait)
             if time.monotonic() >= deadline:
                 if required:
