@@ -215,7 +215,7 @@ def _head_update(h, G, label, P, g, vP, vg, lr, lr_gate, decay, power, nxt, G_ne
 
 
 @kernel("void(f4[:, ::1], f4[:, ::1], i8, f4[:, ::1], f4[::1], f4[:, ::1], f4[::1], f4[:, ::1], i8[::1], "
-        "i8[::1], f4[::1], f4[::1], f4[::1])", fast=True)
+        "i8[::1], f4[::1], f4[::1], f4[:, ::1])", fast=True)
 def _ff_head_step(H, G, label, P, g, vP, vg, U, Y, st, hp, counts, work):
     """The default learner's whole head update for one labelled sample, in one call:
       1. the head step on H[0] (the head's input) with routing G[0] (the logits) and `label`
@@ -226,43 +226,47 @@ def _ff_head_step(H, G, label, P, g, vP, vg, U, Y, st, hp, counts, work):
          step adds no count (it is not a new sample for the merge weights);
       3. when replay > 0, H[0] and label are stored in the ring U, Y at slot st[1] % len(U).
     hp (float32 [4]): lr_head, lr_gate, rms_decay, replay (a whole number); packed, like st,
-    because every argument costs ~50 ns of call overhead. work: float32 [2C] scratch.
+    because every argument costs ~50 ns of call overhead. work: float32 [2, C] scratch.
     st (int64 [3]): RMS steps taken, inputs ever stored, the random stream's state (its bits
     as int64); updated in place."""
     lr, lr_gate, decay = hp[0], hp[1], hp[2]
     replay = np.int64(hp[3])
     h = H[0]
     C = P.shape[0]
-    e = work[:C]
-    G_next = work[C:]
+    e = work[0]
+    G_next = work[1]
+    # every step reads its routing from G_next, so _head_update compiles once (one set of types)
+    for j in range(C):
+        G_next[j] = G[0, j]
     steps = st[0]
     power = float(decay) ** steps if decay > 0 else 0.0
     n = min(st[1], U.shape[0]) if replay > 0 else 0
     todo = replay if n > 0 else 0
     s = np.uint64(st[2])
     # the next input is drawn before each step, so that step computes its routing (see
-    # _head_update); the last step computes one it does not need (its own input's)
+    # _head_update); the last step computes one it does not need. One call site of
+    # _head_update for all steps: LLVM inlines and vectorises it once (compile time)
     i = 0
-    if todo > 0:
-        s, i = _pick(s, n)
-    power = _head_update(h, G[0], label, P, g, vP, vg, lr, lr_gate, decay, power,
-                         U[i] if todo > 0 else h, G_next, e)
-    if decay > 0:
-        steps += 1
-    for j in range(C):
-        counts[j] += 1.0
-    for r in range(todo):
-        u, y = U[i], Y[i]
-        if r + 1 < todo:
+    for r in range(todo + 1):
+        if r == 0:
+            x, y = h, label
+        else:
+            x, y = U[i], Y[i]
+        if r < todo:
             s, i = _pick(s, n)
-        power = _head_update(u, G_next, y, P, g, vP, vg, lr, lr_gate, decay, power, U[i], G_next, e)
+        power = _head_update(x, G_next, y, P, g, vP, vg, lr, lr_gate, decay, power,
+                             U[i] if r < todo else h, G_next, e)
         if decay > 0:
             steps += 1
+    for j in range(C):
+        counts[j] += 1.0
     if todo > 0:
         st[2] = np.int64(s)
     if replay > 0:
         slot = st[1] % U.shape[0]
-        U[slot, :] = h
+        Us = U[slot]
+        for k in range(h.shape[0]):   # a loop, not U[slot, :] = h: slice assignment costs ~1 s of compile
+            Us[k] = h[k]
         Y[slot] = label
         st[1] += 1
     st[0] = steps

@@ -133,7 +133,7 @@ class FFLearner:
         self._r_names = [f"r{i}" for i in range(self.n_layers)]
         self._h_names = [f"h{i}" for i in range(self.n_layers)]
         self._work = [np.zeros(s, np.float32) for s in hidden]
-        self._ghead = np.zeros(2 * self.sizes[-1], np.float32)   # the head kernel's scratch
+        self._ghead = np.zeros((2, self.sizes[-1]), np.float32)   # the head kernel's scratch
         self._head_on = self.lr_head > 0
         self._head_hp = np.array([self.lr_head, self.lr_gate, self.rms_decay, self.replay], np.float32)
         _warm_up(hidden=self.lr_hidden > 0 and self.n_layers > 1)
@@ -356,7 +356,7 @@ def _warm_up(hidden: bool = True) -> None:
     one = np.float32(1.0)
     _ema_standardize(v, v.copy(), np.ones(2, np.float32), np.ones(2, np.float32), one, one, v.copy())
     _ff_head_step(M, M.copy(), 0, M.copy(), v.copy(), M.copy(), v.copy(), M.copy(), np.zeros(2, np.int64),
-                  np.array([0, 1, 0], np.int64), np.array([1, 1, 0.5, 1], np.float32), v.copy(), np.zeros(4, np.float32))
+                  np.array([0, 1, 0], np.int64), np.array([1, 1, 0.5, 1], np.float32), v.copy(), M.copy())
     if hidden:   # only then: each kernel costs a compile on a cold cache
         rows = np.zeros(2, np.int64)
         _ff_hidden_step(M, M, 1, M.copy(), v.copy(), one, v.copy(), rows, v.copy())

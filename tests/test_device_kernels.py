@@ -313,7 +313,7 @@ def test_ff_head_step_matches_numpy(decay, replay, stored):
     P, g = rng.standard_normal((C, d)).astype(f32), rng.standard_normal(C).astype(f32)
     vP, vg = np.zeros((C, d), f32), np.zeros(C, f32)
     U, Y = rng.standard_normal((S, d)).astype(f32), rng.integers(0, C, S)
-    counts, work = np.zeros(C, f32), np.zeros(2 * C, f32)
+    counts, work = np.zeros(C, f32), np.zeros((2, C), f32)
     st = np.array([3, stored, -5], np.int64)          # a stream state past 2**63 (as int64 bits)
     want = [P, g, vP, vg, U, Y, counts, (3, stored, -5)]
     hp = np.array([0.03, 0.2, decay, replay], f32)
