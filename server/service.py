@@ -89,19 +89,22 @@ class Server:
         self._check_fits(model_dir, "the manifest", len(self.model.manifest.to_json()), self.topics.manifest)
         self.shapes = [ps for ps, _ in self.model.manifest.proto_shapes()]
         # one server per state folder: a second one would fork the version history
+        self.signing_key = signing_key     # signs every release, the republish on reconnect too
         self._lock = lock_folder(state_dir, "edge-spl server")
+        self.store = None
         try:
             self.store = SQLiteStore(os.path.join(state_dir, DB_FILE), self.model.manifest, self.model.protos)
             self.current: StoredVersion = self.store.latest()
             _check_not_behind(os.path.join(state_dir, STATS_FILE), self.store.path, self.current.version)
+            # (a model's releases all weigh the same, less a few header bytes: the first one tells)
+            self._check_fits(model_dir, "a release", self._release_size(self.current), self.topics.release)
+            self._release_payload = self._encode_release(self.current)
         except BaseException:
+            if self.store is not None:
+                self.store.close()
             self._lock.close()
             raise
         self.stats = Stats(version=self.current.version)
-        self.signing_key = signing_key     # signs every release, the republish on reconnect too
-        # (a model's releases all weigh the same, less a few header bytes: the first one tells)
-        self._check_fits(model_dir, "a release", self._release_size(self.current), self.topics.release)
-        self._release_payload = self._encode_release(self.current)
 
         self._inbox: queue.Queue[tuple[str, bytes | None, int]] = queue.Queue()
         self._inbox_bytes = 0          # guarded by _inbox_lock

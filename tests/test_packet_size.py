@@ -181,3 +181,14 @@ def test_the_cli_default_packet_size_is_the_protocol_default():
     from edge_spl.protocol import DEFAULT_MAX_PAYLOAD
 
     assert DEFAULT_MAX_PACKET == DEFAULT_MAX_PAYLOAD
+
+
+def test_a_refused_start_releases_the_state_folder(wide_model, tmp_path):
+    folder, exported, release_bytes = wide_model
+    state = str(tmp_path / "srv")
+    with pytest.raises(ModelError, match="a release is"):
+        Server(("127.0.0.1", 1), folder, state, max_packet=release_bytes - 1000)
+    # the lock and the database are let go: a second try on the same folder gets the same answer,
+    # not "in use by another edge-spl server"
+    with pytest.raises(ModelError, match="a release is"):
+        Server(("127.0.0.1", 1), folder, state, max_packet=release_bytes - 1000)
