@@ -38,6 +38,10 @@ def test_quick_run_writes_every_figure(tmp_path, mqtt_broker, capsys):
     for env in ("dev_env", "device_install"):
         assert res["startup"][env]["imports"]["torch_imported"] is False
     assert res["startup"]["device_install"]["imports"]["scipy_imported"] is False
+    aot = res["startup"]["device_aot"]
+    if "skipped" not in aot:   # built here (a C compiler is there): the device ran without numba
+        assert aot["kernels"] == "aot" and aot["imports"]["numba_imported"] is False
+        assert res["device_peak_rss_from"] == "device_aot" and res["aot_start_s"] > 0
     assert res["server"]["complete"] and res["server"]["deltas_merged"] == res["server"]["deltas_sent"]
     assert all("met" in t for t in res["targets"].values())
     out = capsys.readouterr().out

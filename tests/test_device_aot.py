@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +34,9 @@ print(json.dumps({"backend": kernels.BACKEND, "numba": "numba" in sys.modules,
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    # the AOT build is an optional install step; without a C compiler the device runs on the JIT
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler: the AOT build cannot run here")
     folder = tmp_path_factory.mktemp("kernels")
     stale = folder / ("edge_spl_kernels_0123456789abcdef" + ".so")
     stale.write_bytes(b"an old build")
