@@ -6,8 +6,8 @@ cached object code and compiles its runtime at start-up): about 110 MB of the de
 (docs/bench-speed.md). The AOT module holds the same machine code as the JIT would make from the
 same source (`kernel_code`), and needs only numpy at run time.
 
-    python -m edge_spl.device.aot [--dir DIR]     # build once per machine (needs numba, a C
-                                                  # compiler, Python headers and setuptools)
+    edge-spl compile [--dir DIR]     # build once per machine (needs numba, a C compiler,
+                                     # Python headers and setuptools); also python -m edge_spl.device.aot
 
 The module's name carries a hash of what it was built from: the kernel source and this file,
 the Python version, numpy's version and the machine type. `load` finds the module of the
@@ -74,7 +74,7 @@ def load(folder: str | None = None, required: bool = False):
         _warn_if_stale(os.path.dirname(path))
         if required:
             raise ImportError(f"no AOT kernel module {path} for this kernel source; build it with "
-                              "`python -m edge_spl.device.aot`")
+                              "`edge-spl compile`")
         return None
     name = os.path.basename(path).split(".")[0]
     try:
@@ -98,7 +98,7 @@ def _warn_if_stale(folder: str) -> None:
         return
     if old:
         log.warning("the AOT kernel module in %s was built from other sources (%s); the kernels run on "
-                    "numba's JIT until `python -m edge_spl.device.aot` builds it again", folder, old[0])
+                    "numba's JIT until `edge-spl compile` builds it again", folder, old[0])
 
 
 def _forwarder(kernel, n_args: int):

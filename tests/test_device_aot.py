@@ -74,7 +74,7 @@ def test_an_aot_device_imports_no_numba_and_computes_what_the_jit_does(built, tm
 
 def test_no_module_falls_back_to_the_jit_and_required_says_how_to_build(tmp_path):
     assert aot.load(str(tmp_path)) is None
-    with pytest.raises(ImportError, match="python -m edge_spl.device.aot"):
+    with pytest.raises(ImportError, match="edge-spl compile"):
         aot.load(str(tmp_path), required=True)
     assert aot.main(["--dir", str(tmp_path), "--check"]) == 1
 
@@ -93,3 +93,16 @@ def test_a_broken_module_file_is_logged_and_skipped(tmp_path, caplog):
     open(aot.module_path(str(tmp_path)), "wb").write(b"not a shared object")
     assert aot.load(str(tmp_path)) is None
     assert "does not load" in caplog.text
+
+
+def test_edge_spl_compile_builds_and_checks(built, tmp_path, capsys):
+    from edge_spl.cli import main
+
+    folder, path, _ = built
+    assert main(["compile", "--dir", str(folder), "--check"]) == 0
+    assert "present" in capsys.readouterr().out
+    assert main(["compile", "--dir", str(tmp_path), "--check"]) == 1
+    assert "missing" in capsys.readouterr().out
+    assert main(["compile", "--dir", str(tmp_path / "new")]) == 0
+    out = capsys.readouterr().out
+    assert "built" in out and os.path.isfile(aot.module_path(str(tmp_path / "new")))

@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("train", "train"),
     "export": ("export", "train"),
     "device": ("device", "device"),
+    "compile": ("compile", "device"),
     "server": ("server", "server"),
     "keys": ("keys", "server"),
     "status": ("status", "server"),
@@ -231,6 +232,18 @@ def build_parser(with_rollback: bool = True) -> argparse.ArgumentParser:
                         "hours, such as room occupancy (docs/device.md)")
     add_max_packet(d)
     add_broker_auth(d, "MQTT user name: the device id (--id), which the fleet ACL of docs/mosquitto.md expects")
+
+    c = sub.add_parser("compile", help="build the device kernels ahead of time: less memory, faster start (needs [device], gcc)",
+                       description="Compile the device's numba kernels ahead of time into a small extension "
+                                   "module, once per machine, so `edge-spl device` runs them without numba or "
+                                   "LLVM in memory (peak RSS ~70 MB instead of ~190 MB, start-up ~0.2 s). Needs "
+                                   "a C compiler and the Python headers (apt install gcc python3-dev). A new "
+                                   "edge-spl, Python or numpy makes the module stale: the device then runs on "
+                                   "numba's JIT until you compile again.")
+    c.add_argument("--dir", metavar="DIR",
+                   help="where to keep the module (default $EDGE_SPL_KERNEL_DIR, else ~/.cache/edge-spl/kernels); "
+                        "the device looks there too")
+    c.add_argument("--check", action="store_true", help="only say whether a current module is there (exit 1 if not)")
 
     s = sub.add_parser("server", help="merge device deltas and publish prototype versions (needs [server])",
                        usage="edge-spl server --broker HOST:PORT --model MODEL_DIR --state DIR [options]\n"
