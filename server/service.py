@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, Release, Signer, Topics, ack
                                decode_delta, encode_release, payload_limit)
 
 from . import merge
-from .store import DB_FILE, SQLiteStore, StoredVersion
+from .store import DB_FILE, SQLiteStore, StoredVersion, StoreError
 
 log = logging.getLogger("edge_spl.server")
 
@@ -105,6 +106,7 @@ class Server:
             self._lock.close()
             raise
         self.stats = Stats(version=self.current.version)
+        self.fatal: str | None = None   # why the loop stopped by itself (a damaged database)
 
         self._inbox: queue.Queue[tuple[str, bytes | None, int]] = queue.Queue()
         self._inbox_bytes = 0          # guarded by _inbox_lock
@@ -223,15 +225,22 @@ class Server:
         try:
             while not self._stop.wait(self.merge_every):
                 self._round_or_log()
-            self._round_or_log()
+            if not self.fatal:
+                self._round_or_log()
         finally:
             self._shutdown()
 
     def _round_or_log(self) -> None:
-        # A round that fails (a full disk under stats.json, a store error) must not end the
-        # server: what it did not store was not acked, and the devices send it again.
+        # A round that fails (a full disk under stats.json, a locked database) must not end the
+        # server: what it did not store was not acked, and the devices send it again. A damaged
+        # database does end it: no round would ever store again.
         try:
             self.merge_round()
+        except StoreError as e:
+            log.error("%s; stopping: restore server.db from a backup, or delete it to start a new "
+                      "version history", e)
+            self.fatal = str(e)
+            self._stop.set()
         except Exception:
             log.exception("merge round failed; the server goes on")
 
@@ -317,6 +326,8 @@ class Server:
                 continue
             try:
                 rejection = self._check(device, payload, base.version, in_round)
+            except (StoreError, sqlite3.Error):   # the database, not the delta: no acks this round
+                raise
             except Exception as e:   # a validation bug must not end the server: reject and go on
                 log.exception("checking a delta from %s failed", device or "?")
                 rejection = (device, -1, "malformed", f"{type(e).__name__}: {e}")
@@ -342,8 +353,22 @@ class Server:
                 protos = merge.apply(base.protos, sums)
             else:
                 protos = merge.robust_apply(base.protos, [(d, base.version) for d in accepted], self.merge_rule)
+            encoded = []
+
+            def publishable(v):   # in the commit's transaction: a version never published is never stored
+                encoded.append(self._encode_release(v))
+
             try:
-                new = self.store.commit(base, protos, [(d.device, d.seq) for d in accepted])
+                new = self.store.commit(base, protos, [(d.device, d.seq) for d in accepted], check=publishable)
+            except StoreError:
+                raise
+            except ProtocolError as e:
+                # The release outgrew the broker's packet size (its merged marks grow with the
+                # fleet). Nothing was stored or acked: the devices send these deltas again.
+                log.error("version %d not stored: %s (the release's merged marks name %d devices); raise "
+                          "the broker's max_packet_size and --max-packet", base.version + 1, e,
+                          len(base.merged) + 1)
+                accepted = []
             except Exception:
                 # Nothing was acked, so the devices send these deltas again.
                 log.exception("could not store version %d; its %d deltas are dropped unacked",
@@ -352,7 +377,7 @@ class Server:
             else:
                 self.current = new
                 version = new.version
-                payload = self._encode_release(new)
+                payload = encoded[-1]
                 with self._publish_lock:
                     self._release_payload = payload
                     self._publish(self.topics.release, payload, retain=True)

@@ -19,6 +19,18 @@ from edge_spl.errors import ModelError
 from edge_spl.files import pack_arrays, unpack_arrays
 from edge_spl.manifest import Manifest, protos_from_arrays, protos_to_arrays
 
+class StoreError(ModelError):
+    """The database is damaged under a running server (a page gone bad): not the fault of any
+    delta, and not something the next round heals. (A full disk or a lock is sqlite3's
+    OperationalError: that round fails, and the next may not.)"""
+
+
+def _damage(e: sqlite3.DatabaseError, what: str) -> Exception:
+    """StoreError for a damaged database (sqlite3 raises the bare DatabaseError for a malformed
+    image); any other error (a full disk or a lock: OperationalError; a constraint) as it is."""
+    return StoreError(f"{what} ({e})") if type(e) is sqlite3.DatabaseError else e
+
+
 DB_FILE = "server.db"
 MIN_DB_BYTES = 512    # SQLite's smallest page: every database it wrote is at least one
 SCHEMA_VERSION = 1
@@ -73,9 +85,12 @@ class Store:
     def is_merged(self, device: str, seq: int) -> bool:
         raise NotImplementedError
 
-    def commit(self, parent: StoredVersion, protos, merged_pairs: list[tuple[str, int]]) -> StoredVersion:
+    def commit(self, parent: StoredVersion, protos, merged_pairs: list[tuple[str, int]],
+               check=None) -> StoredVersion:
         """Store version parent.version + 1 with these prototypes and the (device, seq) pairs merged
-        into it, all in one transaction; returns it with its new high-water marks."""
+        into it, all in one transaction; returns it with its new high-water marks. `check(version)`,
+        when given, runs inside the transaction once the marks are known: if it raises, nothing is
+        stored (the server checks that the release still fits the broker's packet size)."""
         raise NotImplementedError
 
     def refuse(self, refusals: list[tuple[str, int, str]]) -> None:
@@ -125,6 +140,13 @@ class SQLiteStore(Store):
             user_version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if user_version not in (0, SCHEMA_VERSION):
                 raise ModelError(f"{path}: database schema {user_version}, this edge-spl uses {SCHEMA_VERSION}")
+            # a damaged page (not a truncation) would otherwise show only later, as every delta
+            # failing or every round not storing
+            problems = [line.strip() for r in self._db.execute("PRAGMA quick_check(3)")
+                        for line in str(r[0]).splitlines() if line.strip() and not line.startswith("***")]
+            if problems != ["ok"]:
+                raise ModelError(f"{path} is damaged ({'; '.join(problems)[:200]}); restore it from a backup, "
+                                 f"or delete it to start a new version history")
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             row = self._db.execute("SELECT model_sha256 FROM versions ORDER BY version DESC LIMIT 1").fetchone()
@@ -141,7 +163,7 @@ class SQLiteStore(Store):
                 f"{manifest.onnx_sha256[:12]} ({manifest.model_id}); use another --state folder "
                 f"rather than mixing models")
 
-    def _insert(self, v: StoredVersion, pairs) -> None:
+    def _insert(self, v: StoredVersion, pairs, check=None) -> None:
         blob = pack_arrays(protos_to_arrays(v.protos))
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -155,7 +177,11 @@ class SQLiteStore(Store):
             # High-water marks move only over contiguous seqs, merged or refused; a seq that
             # arrived early (its predecessor still on the way) is already in a table and is
             # picked up here.
-            devices = {d for d, _ in pairs} | {r[0] for r in self._db.execute("SELECT DISTINCT device FROM refused_deltas")}
+            # Refusals move the marks only of devices with something merged: a stream of refused
+            # deltas under made-up names must not grow every release by their names.
+            devices = {d for d, _ in pairs} | {r[0] for r in self._db.execute(
+                "SELECT DISTINCT device FROM refused_deltas r WHERE EXISTS "
+                "(SELECT 1 FROM merged_deltas m WHERE m.device = r.device)")}
             for device in sorted(devices):
                 start = v.merged.get(device, 0)
                 seqs = [r[0] for r in self._db.execute(
@@ -167,6 +193,8 @@ class SQLiteStore(Store):
                     v.merged[device] = hwm
             self._db.execute("UPDATE versions SET merged = ? WHERE version = ?",
                              (json.dumps(v.merged, sort_keys=True), v.version))
+            if check is not None:
+                check(v)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -200,20 +228,30 @@ class SQLiteStore(Store):
         return StoredVersion(version, parent, created, sha, protos, merged, n_deltas)
 
     def is_merged(self, device: str, seq: int) -> bool:
-        return self._db.execute("SELECT 1 FROM merged_deltas WHERE device = ? AND seq = ?",
-                                (device, seq)).fetchone() is not None
+        try:
+            return self._db.execute("SELECT 1 FROM merged_deltas WHERE device = ? AND seq = ?",
+                                    (device, seq)).fetchone() is not None
+        except sqlite3.DatabaseError as e:
+            raise _damage(e, f"{self.path}: reading the merged deltas failed") from None
 
-    def commit(self, parent: StoredVersion, protos, merged_pairs) -> StoredVersion:
+    def commit(self, parent: StoredVersion, protos, merged_pairs, check=None) -> StoredVersion:
         self.manifest.check_prototypes(protos)
         v = StoredVersion(parent.version + 1, parent.version, time.time(), parent.model_sha256,
                           protos, dict(parent.merged), len(merged_pairs))
-        self._insert(v, merged_pairs)
+        try:
+            self._insert(v, merged_pairs, check)
+        except sqlite3.DatabaseError as e:
+            raise _damage(e, f"{self.path}: storing version {v.version} failed") from None
         return v
 
     def refuse(self, refusals) -> None:
-        if refusals:
+        if not refusals:
+            return
+        try:
             self._db.executemany("INSERT OR IGNORE INTO refused_deltas (device, seq, reason) VALUES (?, ?, ?)",
                                  [(d, int(s), r) for d, s, r in refusals])
+        except sqlite3.DatabaseError as e:
+            raise _damage(e, f"{self.path}: recording refused deltas failed") from None
 
     def close(self) -> None:
         self._db.close()

@@ -656,3 +656,29 @@ def test_a_truncated_server_db_is_a_one_line_error(tmp_path, gas_model):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
         assert lines[0].startswith("edge-spl server: error: ") and "server.db" in lines[0]
+
+
+def test_a_damaged_page_in_server_db_is_a_one_line_error(tmp_path, gas_model):
+    """Not truncated, the same length, one page of zeros: found at start, not by every delta failing."""
+    from edge_spl.server.service import Server
+    from edge_spl.server.store import SQLiteStore
+
+    model = ExportedModel.load(gas_model)
+    state = tmp_path / "srv"
+    store = SQLiteStore(str(state / "server.db"), model.manifest, model.protos)
+    cur = store.latest()
+    for k in range(4):
+        cur = store.commit(cur, [(P + 0.01, g) for P, g in cur.protos], [("a", k + 1), ("b", k + 1)])
+    store.close()
+    db = state / "server.db"
+    data = bytearray(db.read_bytes())
+    page = 4096
+    assert len(data) > 6 * page
+    for n in (2, 3, 4):        # the tables' and the index's first pages
+        damaged = data[:n * page] + bytes(page) + data[(n + 1) * page:]
+        db.write_bytes(bytes(damaged))
+        with pytest.raises(ModelError) as e:
+            Server(("127.0.0.1", 1), gas_model, str(state))
+        assert "\n" not in str(e.value) and "server.db" in str(e.value), (n, str(e.value))
+    db.write_bytes(bytes(data))
+    SQLiteStore(str(db), model.manifest, model.protos).close()   # the good one opens

@@ -152,3 +152,54 @@ def test_a_stale_delta_is_merged_down_weighted_and_reverts_nothing(fleet_env):
         assert v11.merged == {"fresh": 11, "old": 1}
     finally:
         server._shutdown()
+
+
+def test_refusals_under_made_up_names_do_not_grow_the_release(fleet_env):
+    dev = fleet_env.device()
+    server = fleet_env.server()
+    dev.release()
+    for k in range(5):                                   # junk from names nothing was merged from
+        junk = one_row(f"junk{k}", 1, 0.1)
+        junk.layers = junk.layers[:2]                    # refused: layer count
+        dev.send(f"junk{k}", encode_delta(junk))
+    assert {a["reason"] for a in dev.acks(5)} == {"layer count"}
+    dev.send("real", encode_delta(one_row("real", 1, 0.1)))
+    rel = dev.release(lambda r: "real" in r.merged)
+    assert rel.merged == {"real": 1}
+
+
+def test_a_version_whose_release_would_not_fit_is_not_stored(fleet_env, tmp_path):
+    """The merged marks grow with the fleet; once the release would be over the broker's packet
+    size the round stores nothing (no version is ever stored that cannot be published) and acks
+    nothing, so the devices send their deltas again once the limit is raised."""
+    import sqlite3
+
+    from edge_spl.protocol import payload_limit
+
+    probe = fleet_env.server()
+    release_bytes = len(probe._release_payload)
+    probe.stop()
+    max_packet = release_bytes + 200          # room for a few more names in the marks, not many
+    assert payload_limit(max_packet, fleet_env.topics.release) >= release_bytes + 64
+    server = Server(fleet_env.broker, fleet_env.model_dir, fleet_env.state, fleet=fleet_env.topics.fleet,
+                    connect_timeout=5, max_packet=max_packet)
+    server.connect()
+    dev = fleet_env.device()
+    try:
+        published = []
+        for k in range(40):
+            name = f"device-with-a-long-name-{k:03d}"
+            dev.send(name, encode_delta(one_row(name, 1, 0.01)))
+            wait_inbox(server, 1)
+            merged = server.merge_round()
+            if not merged:
+                break
+            published.append(dev.release(lambda r: r.version == server.version).version)
+        assert 0 < len(published) < 40, "the marks never outgrew the limit"
+        assert dev.inbox["ack"].qsize() == len(published)      # the refused round acked nothing
+        db = sqlite3.connect(f"{fleet_env.state}/{DB_FILE}")
+        stored = db.execute("SELECT MAX(version) FROM versions").fetchone()[0]
+        db.close()
+        assert stored == server.version == published[-1]       # nothing stored past what was published
+    finally:
+        server._shutdown()

@@ -41,6 +41,8 @@ def run(args) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+    if server.fatal:
+        raise EdgeSplError(server.fatal)
     return 0
 
 
