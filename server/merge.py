@@ -2,16 +2,20 @@
 
 A delta from a device says "starting from version b, I moved P[rows] by dP and g[rows] by dg,
 learning from `counts` samples per row". The server applies deltas as differences onto its
-current version (that is the rebase) and averages them per row, weighted by sample counts:
+current version (that is the rebase): every touched row moves by the weighted mean of its deltas'
+steps, each weighted by its sample count times its staleness weight, and the mean is scaled by
+the freshest weight among them:
 
-    new_row = cur_row + sum_d c_d * s_d * dP_d / sum_d c_d
+    new_row = cur_row + max_d s_d * sum_d c_d s_d dP_d / sum_d c_d s_d
 
-where s_d = staleness(current_version - b_d) is 1 for a lag up to STALE_LAG versions and
-STALE_LAG / lag beyond. Only the numerator is down-weighted, so a stale delta moves its rows less
-but still counts as evidence, and it never blocks fresher deltas.
+with s_d = staleness(current_version - b_d): 1 for a lag up to STALE_LAG versions, STALE_LAG / lag
+beyond. So a stale delta counts less against fresher ones on the same row (and, beside a fresh
+one that agrees with it, does not shrink it), a row only stale deltas touch moves by s of their
+mean (its learning may already be in the versions it missed), and nothing blocks on a stale delta.
 
-The per-row sums (sum c, sum c*s*dP, sum c*s*dg) just add, so deltas can be accumulated in any
-order and grouping, and partial sums from several replicas add up to the same result.
+The per-row sums (sum c s, sum c s dP, sum c s dg) add and the per-row max s is a max, so deltas
+can be accumulated in any order and grouping, and partial results of several replicas combine to
+the same one.
 """
 from __future__ import annotations
 
@@ -98,6 +102,8 @@ def validate_delta(delta: PrototypeDelta, shapes: list[tuple[int, int]], current
         # a device sends a delta only when it learned something; an empty one would still cost a
         # stored version, and a flood of them a version per round
         return "empty"
+    if not any(np.any(L.dP) or np.any(L.dg) for L in delta.layers):
+        return "no change"   # the same, with rows that did not move
     return None
 
 
@@ -107,9 +113,10 @@ class MergeSums:
 
     def __init__(self, shapes: list[tuple[int, int]]):
         self.shapes = [tuple(s) for s in shapes]
-        self.sum_c = [np.zeros(o, np.float64) for o, _ in self.shapes]
-        self.sum_cdP = [np.zeros((o, i), np.float64) for o, i in self.shapes]
-        self.sum_cdg = [np.zeros(o, np.float64) for o, _ in self.shapes]
+        self.sum_w = [np.zeros(o, np.float64) for o, _ in self.shapes]       # sum c s
+        self.sum_wdP = [np.zeros((o, i), np.float64) for o, i in self.shapes]
+        self.sum_wdg = [np.zeros(o, np.float64) for o, _ in self.shapes]
+        self.max_s = [np.zeros(o, np.float64) for o, _ in self.shapes]
         self.n_deltas = 0
 
     def add_delta(self, delta: PrototypeDelta, current_version: int) -> "MergeSums":
@@ -117,11 +124,12 @@ class MergeSums:
         s = staleness(current_version - delta.base_version)
         for i, L in enumerate(delta.layers):
             rows = np.asarray(L.rows, np.int64)
-            c = np.asarray(L.counts, np.float64)
+            w = np.asarray(L.counts, np.float64) * s
             # rows are unique within a layer, so fancy-indexed += adds each row once
-            self.sum_c[i][rows] += c
-            self.sum_cdP[i][rows] += (c * s)[:, None] * np.asarray(L.dP, np.float64)
-            self.sum_cdg[i][rows] += c * s * np.asarray(L.dg, np.float64)
+            self.sum_w[i][rows] += w
+            self.sum_wdP[i][rows] += w[:, None] * np.asarray(L.dP, np.float64)
+            self.sum_wdg[i][rows] += w * np.asarray(L.dg, np.float64)
+            self.max_s[i][rows] = np.maximum(self.max_s[i][rows], s)
         self.n_deltas += 1
         return self
 
@@ -130,9 +138,10 @@ class MergeSums:
         if other.shapes != self.shapes:
             raise ValueError(f"cannot add sums of shapes {other.shapes} to {self.shapes}")
         for i in range(len(self.shapes)):
-            self.sum_c[i] += other.sum_c[i]
-            self.sum_cdP[i] += other.sum_cdP[i]
-            self.sum_cdg[i] += other.sum_cdg[i]
+            self.sum_w[i] += other.sum_w[i]
+            self.sum_wdP[i] += other.sum_wdP[i]
+            self.sum_wdg[i] += other.sum_wdg[i]
+            np.maximum(self.max_s[i], other.max_s[i], out=self.max_s[i])
         self.n_deltas += other.n_deltas
         return self
 
@@ -145,17 +154,19 @@ def touched_rows(deltas: list[PrototypeDelta]) -> int:
 
 def apply(protos, sums: MergeSums) -> list[tuple[np.ndarray, np.ndarray]]:
     """New prototype arrays (float32; the inputs are untouched): every touched row moves by the
-    count-weighted mean of its deltas."""
+    weighted mean of its deltas' steps, scaled by the freshest staleness weight among them (see
+    the module docstring)."""
     if layer_shapes(protos) != sums.shapes:
         raise ValueError(f"prototype shapes {layer_shapes(protos)} differ from the sums' {sums.shapes}")
     out = []
-    for (P, g), c, cdP, cdg in zip(protos, sums.sum_c, sums.sum_cdP, sums.sum_cdg):
+    for (P, g), w, wdP, wdg, top in zip(protos, sums.sum_w, sums.sum_wdP, sums.sum_wdg, sums.max_s):
         P2 = np.array(P, np.float32, copy=True, order="C")
         g2 = np.array(g, np.float32, copy=True, order="C")
-        t = np.flatnonzero(c > 0)
+        t = np.flatnonzero(w > 0)
         if len(t):
-            P2[t] = (P2[t].astype(np.float64) + cdP[t] / c[t, None]).astype(np.float32)
-            g2[t] = (g2[t].astype(np.float64) + cdg[t] / c[t]).astype(np.float32)
+            k = top[t] / w[t]
+            P2[t] = (P2[t].astype(np.float64) + wdP[t] * k[:, None]).astype(np.float32)
+            g2[t] = (g2[t].astype(np.float64) + wdg[t] * k).astype(np.float32)
         out.append((P2, g2))
     return out
 

@@ -100,7 +100,7 @@ def test_split_delta_parts_fit_and_merge_to_the_whole():
         b = merge.MergeSums(shapes)
         for p in parts:
             b.add_delta(p, 3)
-        for x, y in zip(a.sum_cdP + a.sum_cdg + a.sum_c, b.sum_cdP + b.sum_cdg + b.sum_c):
+        for x, y in zip(a.sum_wdP + a.sum_wdg + a.sum_w + a.max_s, b.sum_wdP + b.sum_wdg + b.sum_w + b.max_s):
             np.testing.assert_array_equal(x, y)
     with pytest.raises(ProtocolError, match="one row of layer"):
         split_delta(d, 600)

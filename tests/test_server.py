@@ -57,7 +57,7 @@ def slow_merge(protos, deltas, current_version):
     for i, (P, g) in enumerate(protos):
         P2, g2 = P.astype(np.float64), g.astype(np.float64)
         for r in range(P.shape[0]):
-            num_P, num_g, den = np.zeros(P.shape[1]), 0.0, 0.0
+            num_P, num_g, den, top = np.zeros(P.shape[1]), 0.0, 0.0, 0.0
             for d in deltas:
                 L = d.layers[i]
                 hit = np.flatnonzero(L.rows == r)
@@ -67,10 +67,11 @@ def slow_merge(protos, deltas, current_version):
                     s = 1.0 if lag <= 8 else 8.0 / lag
                     num_P += L.counts[j] * s * L.dP[j].astype(np.float64)
                     num_g += L.counts[j] * s * float(L.dg[j])
-                    den += L.counts[j]
+                    den += L.counts[j] * s
+                    top = max(top, s)
             if den:
-                P2[r] += num_P / den
-                g2[r] += num_g / den
+                P2[r] += top * num_P / den
+                g2[r] += top * num_g / den
         out.append((P2.astype(np.float32), g2.astype(np.float32)))
     return out
 
@@ -102,7 +103,7 @@ def test_merge_equals_the_row_by_row_rule():
     got = merge.apply(protos, sums)
     assert_protos_close(got, slow_merge(protos, deltas, current))
     assert_protos_close(protos, before, atol=0)            # inputs untouched
-    assert sums.sum_c[0][0] == 0
+    assert sums.sum_w[0][0] == 0
     assert np.array_equal(got[0][0][0], protos[0][0][0]) and got[0][1][0] == protos[0][1][0]
 
 
@@ -129,7 +130,7 @@ def test_merge_is_order_and_grouping_independent(seed, n, data):
     assert_protos_close(merge.apply(protos, total), merge.apply(protos, one))
 
 
-def test_staleness_down_weights_only_the_numerator():
+def test_staleness_weighs_a_stale_delta_less_and_never_shrinks_a_fresh_one():
     assert merge.staleness(0) == merge.staleness(8) == 1.0
     assert merge.staleness(16) == 0.5 and merge.staleness(80) == 0.1
     rng = np.random.default_rng(2)
@@ -140,11 +141,21 @@ def test_staleness_down_weights_only_the_numerator():
     # a lone delta 16 versions old moves its row half as far
     got = merge.apply(protos, merge.MergeSums(SHAPES).add_delta(stale, 16))
     np.testing.assert_allclose(got[0][0][3] - protos[0][0][3], 0.5 * stale.layers[0].dP[0], atol=1e-6)
-    # with a fresh delta on the same row: (c1 * 0.5 * d1 + c2 * d2) / (c1 + c2)
+    # with a fresh delta on the same row: the mean weighted by c * s, (c1 0.5 d1 + c2 d2) / (c1 0.5 + c2)
     got = merge.apply(protos, merge.MergeSums(SHAPES).add_delta(stale, 16).add_delta(fresh, 16))
     c1, c2 = stale.layers[0].counts[0], fresh.layers[0].counts[0]
-    want = (c1 * 0.5 * stale.layers[0].dP[0] + c2 * fresh.layers[0].dP[0]) / (c1 + c2)
+    want = (c1 * 0.5 * stale.layers[0].dP[0] + c2 * fresh.layers[0].dP[0]) / (c1 * 0.5 + c2)
     np.testing.assert_allclose(got[0][0][3] - protos[0][0][3], want, atol=1e-6)
+    # a stale delta that agrees with a fresh one, however many samples it claims, leaves its step
+    # as it is (the rule once shrank it: only its numerator was down-weighted)
+    same = [LayerDelta(np.array([3], np.int32), np.ones((1, 8), np.float32), np.ones(1, np.float32),
+                       np.array([c], np.float32)) for c in (100.0, 5000.0)]
+    empty = [LayerDelta(np.zeros(0, np.int32), np.zeros((0, d_in), np.float32), np.zeros(0, np.float32),
+                        np.zeros(0, np.float32)) for _, d_in in SHAPES[1:]]
+    sums = merge.MergeSums(SHAPES).add_delta(PrototypeDelta("new", 1, 40, [same[0]] + empty), 40)
+    sums.add_delta(PrototypeDelta("old", 1, 0, [same[1]] + empty), 40)
+    got = merge.apply(protos, sums)
+    np.testing.assert_allclose(got[0][0][3] - protos[0][0][3], 1.0, rtol=1e-6)
 
 
 def test_validate_delta_reasons():
@@ -170,6 +181,8 @@ def test_validate_delta_reasons():
         "empty": PrototypeDelta("dev", 1, 0, [LayerDelta(np.zeros(0, np.int32), np.zeros((0, i), np.float32),
                                                          np.zeros(0, np.float32), np.zeros(0, np.float32))
                                               for _, i in SHAPES]),
+        "no change": PrototypeDelta("dev", 1, 0, [LayerDelta(L.rows, np.zeros_like(L.dP), np.zeros_like(L.dg),
+                                                             L.counts) for L in ok.layers]),
     }
     for reason, d in cases.items():
         assert merge.validate_delta(d, SHAPES, 0) == reason
