@@ -43,10 +43,11 @@ MIN_DB_BYTES = 512    # SQLite's smallest page: every database it wrote is at le
 # copy ('full') or the rows changed against the parent ('rows'); `protos_sha256` of the whole
 # prototypes. A schema 1 database is migrated on open: its rows are all full copies already.
 SCHEMA_VERSION = 2
-# A full copy every 64 versions adds 1/64 of a copy to each version (6.3 kB for the demo model,
-# about what a version changing 6 rows of 256 inputs costs itself), and bounds what a rebuild
-# reads (a snapshot and at most 63 sets of rows) and what one damaged row of the table takes with
-# it (the versions up to the next snapshot).
+# A full copy every 64 versions adds 1/64 of a copy to each version: 6.3 kB for the demo model
+# (128-256-256-6), less than one of its versions itself (the 6 head rows, 9.3 kB, when devices
+# learn only the head), so such a version costs ~16 kB instead of 407 kB. 256 would save another 4.7 kB a version, but a rebuild reads a
+# snapshot and up to K-1 sets of rows, and a damaged set of rows makes the versions after it, up
+# to the next snapshot, unreadable (the latest among them, which the server starts from, too).
 SNAPSHOT_EVERY = 64
 FULL, ROWS = "full", "rows"
 
@@ -158,7 +159,8 @@ class Store:
         raise NotImplementedError
 
     def get(self, version: int) -> StoredVersion:
-        """Stored version `version` (a ModelError when there is none)."""
+        """Stored version `version` (a ModelError when there is none, a StoreError when it is
+        stored but damaged)."""
         raise NotImplementedError
 
     def is_merged(self, device: str, seq: int) -> bool:
