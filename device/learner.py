@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_spl.errors import DataError
 from edge_spl.manifest import ExportedModel, proto_values_ok
-from edge_spl.protocol import LayerDelta, PrototypeDelta, Release, check_name, split_delta
+from edge_spl.protocol import TRANSIENT_REJECTIONS, LayerDelta, PrototypeDelta, Release, check_name, split_delta
 
 from .kernels import _ema_standardize, _ff_head_step, _ff_hidden_step, _ff_update_pair, var_floor
 from .session import OnnxModel
@@ -96,7 +96,11 @@ class FFLearner:
                         for P, g in model.protos]
         self.base_ = [(P.copy(), g.copy()) for P, g in self.protos_]
         self.base_version_ = 0
+        self.base_history_ = ""            # the version history base_version_ counts in ("" = unknown)
         self.outstanding_: list[PrototypeDelta] = []
+        # seq -> what the server acked for an outstanding delta: the version it was merged into (at
+        # most), or -1 for refused for good (note_ack)
+        self.settled_: dict[int, int] = {}
         self.next_seq_ = 1
         self.counts_ = [np.zeros(s, np.float32) for s in self.sizes[1:]]
         # running mean of the squared head gradients and the number of head steps (local, not synced)
@@ -288,12 +292,12 @@ class FFLearner:
             layers.append(LayerDelta(rows, np.ascontiguousarray(uP[rows]), np.ascontiguousarray(ug[rows]),
                                      c[rows].copy()))
         whole = PrototypeDelta(self.device_id, self.next_seq_, self.base_version_, layers,
-                               self.manifest.onnx_sha256)
+                               self.manifest.onnx_sha256, self.base_history_)
         groups = [layers] if max_bytes is None else split_delta(whole, max_bytes)
         deltas = []
         for group in groups:
             deltas.append(PrototypeDelta(self.device_id, self.next_seq_, self.base_version_, group,
-                                         self.manifest.onnx_sha256))
+                                         self.manifest.onnx_sha256, self.base_history_))
             self.next_seq_ += 1
         self.outstanding_.extend(deltas)
         for c in self.counts_:
@@ -314,9 +318,27 @@ class FFLearner:
                 return f"release v{release.version} layer {i} shapes differ from the model's"
             if not proto_values_ok(P, g):   # NaN, inf, or so large that routing overflows
                 return f"release v{release.version} layer {i} has non-finite or absurdly large values"
-        if release.version <= self.base_version_:
+        if release.version <= self.base_version_ and not self._new_history(release):
             return f"release v{release.version} is not newer than v{self.base_version_}"
         return None
+
+    def _new_history(self, release: Release) -> bool:
+        """Whether `release` starts another version history than the base's (the server's database
+        was replaced): its version numbers start again, and are not compared with ours."""
+        return bool(release.history) and bool(self.base_history_) and release.history != self.base_history_
+
+    def note_ack(self, seq: int, accepted: bool, reason: str, version: int) -> None:
+        """What the server said of a delta: merged (or already merged: "duplicate") into a version
+        up to `version`, or refused for good (any reason but edge_spl.protocol's transient ones).
+        Adopting a release then drops it from the outbox even while the release's contiguous mark
+        is held below it by an earlier seq (say one cut for a smaller packet size and not sent), so
+        the release's copy of its learning is not added a second time."""
+        if not any(d.seq == seq for d in self.outstanding_):
+            return
+        if accepted or reason == "duplicate":
+            self.settled_[seq] = int(version)
+        elif reason not in TRANSIENT_REJECTIONS:
+            self.settled_[seq] = -1   # refused: nothing of it is in any release; drop it at the next
 
     def adopt_release(self, release: Release) -> bool:
         """Rebase local learning on a server release: protos = release + outstanding deltas it does
@@ -330,7 +352,22 @@ class FFLearner:
             return False
         unpushed = self._unpushed()
         covered = int(release.merged.get(self.device_id, 0))
-        self.outstanding_ = [dl for dl in self.outstanding_ if dl.seq > covered]
+        if self._new_history(release):
+            # The server's database was replaced: it has none of our deltas and knows none of our
+            # seqs. The outstanding deltas are steps, so they go again, renumbered from 1 (its
+            # merged marks count from there) and based on this release; what the old history
+            # acked means nothing here. (The server refused, as "other history", any of them that
+            # reached it before we saw this release.)
+            log.warning("release v%d starts a new version history (%s, was %s): the server's database "
+                        "was replaced; sending %d outstanding deltas again, renumbered from 1",
+                        release.version, release.history, self.base_history_, len(self.outstanding_))
+            self.settled_.clear()
+            for k, dl in enumerate(self.outstanding_, 1):
+                dl.seq, dl.base_version, dl.history = k, int(release.version), release.history
+            self.next_seq_ = len(self.outstanding_) + 1
+        self.outstanding_ = [dl for dl in self.outstanding_ if dl.seq > covered
+                             and not -1 <= self.settled_.get(dl.seq, release.version + 1) <= release.version]
+        self.settled_ = {q: v for q, v in self.settled_.items() if any(dl.seq == q for dl in self.outstanding_)}
         if covered >= self.next_seq_:
             # the server has merged seqs this device never made: its state was lost or reset;
             # continue after them so new deltas are not dropped as duplicates
@@ -345,6 +382,7 @@ class FFLearner:
             g += ug
         self.base_ = [(np.array(P, np.float32), np.array(g, np.float32)) for P, g in release.protos]
         self.base_version_ = int(release.version)
+        self.base_history_ = release.history or self.base_history_
         return True
 
 

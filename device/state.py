@@ -67,6 +67,8 @@ def save_state(learner: FFLearner, state_dir: str) -> None:
         "n_outstanding": len(learner.outstanding_),
         "rng": learner.rng_.bit_generator.state,   # PCG64: plain (big) ints, JSON keeps them exact
         "replay_rng": learner.replay_rng_,         # the replay picks' SplitMix64 state, 0..2**64-1
+        "base_history": learner.base_history_,
+        "settled": {str(q): v for q, v in learner.settled_.items()},
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     body = pack_arrays(arrays)
@@ -188,6 +190,13 @@ def _restore(learner: FFLearner, arrays: dict, meta: dict, path: str) -> None:
     replay_rng = meta.get("replay_rng", learner.seed)
     if not isinstance(replay_rng, int) or not 0 <= replay_rng < 1 << 64:
         raise ModelError(f"{path}: replay_rng {replay_rng!r} is not a 64-bit unsigned int")
+    # (both saved since version histories and acks count; older files have neither)
+    history = meta.get("base_history", "")
+    settled = meta.get("settled", {})
+    if not isinstance(history, str) or len(history) > 32 or not isinstance(settled, dict) or not all(
+            isinstance(q, str) and q.isdigit() and isinstance(v, int) and not isinstance(v, bool) and v >= -1
+            for q, v in settled.items()):
+        raise ModelError(f"{path}: base_history or settled acks are malformed")
     # the replay buffer is a cache of recent labelled inputs: kept when it fits this learner's
     # settings, else started afresh (a changed --replay-size is not an error)
     ru, ry = arrays.get("replay_u"), arrays.get("replay_y")
@@ -221,6 +230,8 @@ def _restore(learner: FFLearner, arrays: dict, meta: dict, path: str) -> None:
     learner.base_ = base
     learner.outstanding_ = outstanding
     learner.base_version_ = int(meta["base_version"])
+    learner.base_history_ = history
+    learner.settled_ = {int(q): v for q, v in settled.items()}
     learner.next_seq_ = int(meta["next_seq"])
     learner.n_samples_ = int(meta["n_samples"])
     learner.has_prev_ = bool(meta["has_prev"])

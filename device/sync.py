@@ -22,7 +22,7 @@ from edge_spl.errors import EdgeSplError, ModelError, ProtocolError
 from edge_spl.files import sha256_hex
 from edge_spl.manifest import ExportedModel, Manifest
 from edge_spl.mqtt_auth import MqttAuth, connect_error, refusal
-from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, PrototypeDelta, Release, Topics, Verifier,
+from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, STATUS_HEARTBEAT, PrototypeDelta, Release, Topics, Verifier,
                                decode_ack, decode_release, encode_delta, payload_limit, status_payload)
 
 log = logging.getLogger("edge_spl.device.sync")
@@ -57,6 +57,7 @@ class DeviceSync:
         self._latest: dict[str, bytes] = {}   # retained topic -> newest payload not yet polled
         self._lock = threading.Lock()
         self.connected = threading.Event()
+        self._closing = threading.Event()
         self.resend = threading.Event()   # set on every (re)connect: re-publish the outbox
         self.messages_sent = self.bytes_sent = 0
         self.messages_received = self.bytes_received = 0
@@ -69,7 +70,7 @@ class DeviceSync:
         self.outbox = 0
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-spl-device-{device_id}",
                         protocol=mqtt.MQTTv311, clean_session=True)
-        c.will_set(self.topics.status(device_id), status_payload(device_id, False), qos=1, retain=True)
+        c.will_set(self.topics.status(device_id), status_payload(device_id, False, lost=True), qos=1, retain=True)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         self.auth.apply(c)
         c.on_connect = self._on_connect
@@ -155,6 +156,7 @@ class DeviceSync:
                 self.client.connect_async(self.host, self.port, keepalive=30)
                 self.client.loop_start()
                 self.started = True
+                threading.Thread(target=self._beat, name="edge-spl-heartbeat", daemon=True).start()
                 return
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         self.client.loop_start()
@@ -176,6 +178,7 @@ class DeviceSync:
                                    f"{hint}")
             raise EdgeSplError(f"cannot reach {where} (no CONNACK within {wait:g} s)")
         self.started = True
+        threading.Thread(target=self._beat, name="edge-spl-heartbeat", daemon=True).start()
 
     def poll(self, timeout: float = 0.0) -> list[Event]:
         """Decode what has arrived (waiting up to `timeout` for the first message)."""
@@ -205,7 +208,12 @@ class DeviceSync:
         t = self.topics
         try:
             if topic == t.release:
-                return Event("release", decode_release(payload, self.max_payload, self.verify_key))
+                r = decode_release(payload, self.max_payload, self.verify_key)
+                # a release made for another fleet (signed with a key two fleets share) is not ours
+                if r.fleet != t.fleet and (r.fleet or self.verify_key is not None):
+                    raise ProtocolError(f"release v{r.version} is for fleet {r.fleet or '(unnamed)'!r}, "
+                                        f"not {t.fleet!r}")
+                return Event("release", r)
             if topic == t.manifest:
                 return Event("manifest", Manifest.from_json(payload), sha256_hex(payload))
             if topic == t.onnx:
@@ -287,8 +295,19 @@ class DeviceSync:
                 continue
             return model, release
 
+    def _beat(self) -> None:
+        """The status again every STATUS_HEARTBEAT seconds while connected, whatever the stream does: a
+        status older than a few heartbeats says the device is gone, even when no will was
+        published for it (a broker restarted from its persistence after the device died)."""
+        while not self._closing.wait(STATUS_HEARTBEAT):
+            try:
+                self.publish_status()
+            except Exception:   # never the end of the device: the next beat tries again
+                log.debug("heartbeat status not sent", exc_info=True)
+
     def close(self, publish_offline: bool = True) -> None:
         """Retained offline status (what the last will would say), then a clean disconnect."""
+        self._closing.set()
         try:
             if publish_offline and self.connected.is_set():
                 info = self.client.publish(self.topics.status(self.device_id), self._status(False),

@@ -50,6 +50,7 @@ RELEASE_SIGNING_CONTEXT = b"edge-spl release signature v1\x00"
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _SIGNATURE_RE = re.compile(r"^[0-9a-f]{128}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_HISTORY_RE = re.compile(r"^[0-9a-f]{1,32}$")
 # mosquitto accepts up to 256 MB by default but brokers are often set lower; a delta or release
 # of the demo model is ~0.5 MB, the ONNX file ~1 MB.
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
@@ -58,6 +59,13 @@ _HEAD = struct.Struct(">4sBBI")
 # Sequence and version numbers: whole numbers JSON, SQLite and float64 all hold exactly.
 MAX_COUNTER = 2**53
 MAX_LAYERS = 64
+
+
+# Ack reasons that say nothing against the delta itself: it may be merged when it comes again (or
+# is not the sender's at all). Every other rejection is for good: the server never merges that
+# (device, seq), its merged marks pass over it, and the device drops it from its outbox.
+TRANSIENT_REJECTIONS = frozenset({"duplicate", "overloaded", "malformed", "device mismatch",
+                                  "future base version", "other history"})
 
 
 def payload_limit(max_packet: int, topic: str) -> int:
@@ -227,6 +235,9 @@ class PrototypeDelta:
     # the model (ONNX sha256) the rows were learned on: another model of the same shapes (a
     # retrained one) must not take them. "" = not stated (deltas of older devices).
     model_sha256: str = ""
+    # the version history base_version counts in (Release.history): a server with another history
+    # (its database replaced) leaves the delta for the device to renumber and rebase. "" = not stated.
+    history: str = ""
 
     @property
     def samples(self) -> float:
@@ -245,6 +256,8 @@ def encode_delta(d: PrototypeDelta, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> byt
               "n_layers": len(d.layers)}
     if d.model_sha256:
         header["model_sha256"] = d.model_sha256
+    if d.history:
+        header["history"] = d.history
     return _encode(KIND_DELTA, header, arrays, max_bytes)
 
 
@@ -255,7 +268,7 @@ def split_delta(d: PrototypeDelta, max_bytes: int) -> list[list[LayerDelta]]:
     row does not fit."""
     items = [(i, j) for i, L in enumerate(d.layers) for j in range(len(L.rows))]
     # measured at the largest seq and version a header can hold, so every part's real one fits
-    probe = PrototypeDelta(d.device, MAX_COUNTER, MAX_COUNTER, d.layers, d.model_sha256)
+    probe = PrototypeDelta(d.device, MAX_COUNTER, MAX_COUNTER, d.layers, d.model_sha256, d.history)
 
     def part(sel) -> list[LayerDelta]:
         picks = [[] for _ in d.layers]
@@ -300,6 +313,9 @@ def decode_delta(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Protot
     model = header.get("model_sha256", "")
     if not isinstance(model, str) or len(model) > 128:
         raise ProtocolError("header field 'model_sha256' is not a sha256")
+    history = header.get("history", "")
+    if not isinstance(history, str) or history and not _HISTORY_RE.match(history):
+        raise ProtocolError("header field 'history' is not a history id")
     layers = []
     for i in range(n):
         rows = _array(arrays, f"rows{i}", np.int32, 1)
@@ -316,7 +332,7 @@ def decode_delta(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Protot
         if np.any(counts <= 0):
             raise ProtocolError(f"layer {i}: sample counts must be positive")
         layers.append(LayerDelta(rows, dP, dg, counts))
-    return PrototypeDelta(device, seq, base, layers, model)
+    return PrototypeDelta(device, seq, base, layers, model, history)
 
 
 # -- releases ---------------------------------------------------------------------------------
@@ -333,6 +349,12 @@ class Release:
     # its model takes only that manifest (its standardisation and class names are not in the ONNX
     # file the model sha256 names). "" = not stated (older servers).
     manifest_sha256: str = ""
+    # The fleet it was made for (inside the signed bytes: a release signed for one fleet cannot be
+    # replayed into another that shares the key) and the version history it belongs to (a new
+    # history, after the server's database was replaced, starts again at version 0: devices follow
+    # it instead of refusing its "older" versions). "" = not stated (older servers).
+    fleet: str = ""
+    history: str = ""
 
 
 class Signer(Protocol):
@@ -359,6 +381,9 @@ def encode_release(r: Release, max_bytes: int = DEFAULT_MAX_PAYLOAD, signer: Sig
               "merged": {k: int(v) for k, v in r.merged.items()}, "created": float(r.created)}
     if r.manifest_sha256:
         header["manifest_sha256"] = r.manifest_sha256
+    for name in ("fleet", "history"):
+        if getattr(r, name):
+            header[name] = getattr(r, name)
     payload = _encode(KIND_RELEASE, header, arrays, max_bytes)
     return payload if signer is None else sign_release_payload(payload, signer, max_bytes)
 
@@ -439,7 +464,12 @@ def decode_release(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD,
     manifest_sha = header.get("manifest_sha256", "")
     if not isinstance(manifest_sha, str) or manifest_sha and not _SHA256_RE.match(manifest_sha):
         raise ProtocolError("header field 'manifest_sha256' is not a sha256")
-    return Release(version, sha, protos, dict(merged), float(created), manifest_sha)
+    fleet, history = header.get("fleet", ""), header.get("history", "")
+    if not isinstance(fleet, str) or fleet and not _NAME_RE.match(fleet):
+        raise ProtocolError("header field 'fleet' is not a fleet name")
+    if not isinstance(history, str) or history and not _HISTORY_RE.match(history):
+        raise ProtocolError("header field 'history' is not a history id")
+    return Release(version, sha, protos, dict(merged), float(created), manifest_sha, fleet, history)
 
 
 # -- small JSON messages ----------------------------------------------------------------------
@@ -454,13 +484,21 @@ def decode_json(payload: bytes, max_bytes: int = 1 << 20) -> dict:
     return _json_object(payload, "payload")
 
 
+# A connected device says its status at least this often (seconds), even when its stream is idle;
+# an "online" status much older than that is a device gone without a will (edge-spl status).
+STATUS_HEARTBEAT = 60.0
+
+
 def status_payload(device: str, online: bool, version: int = -1, samples: int = 0,
-                   outbox: int = 0, at: float | None = None) -> bytes:
+                   outbox: int = 0, at: float | None = None, lost: bool = False) -> bytes:
     """A device's health record: its release version (-1: none yet), samples seen, deltas in its
-    outbox, and when it said so (unix seconds, the device's clock)."""
-    return encode_json({"device": device, "online": online, "version": version,
-                        "samples": samples, "outbox": outbox,
-                        "time": round(time.time() if at is None else at, 3)})
+    outbox, and when it said so (unix seconds, the device's clock). lost=True marks the last will,
+    which the broker publishes when the device vanishes: its time is when the device connected."""
+    obj = {"device": device, "online": online, "version": version, "samples": samples,
+           "outbox": outbox, "time": round(time.time() if at is None else at, 3)}
+    if lost:
+        obj["lost"] = True
+    return encode_json(obj)
 
 
 def decode_status(payload: bytes) -> dict:
@@ -470,8 +508,12 @@ def decode_status(payload: bytes) -> dict:
     check_name("device id", _field(obj, "device", str))
     if not isinstance(obj.get("online"), bool):
         raise ProtocolError("status field 'online' missing or not a boolean")
+    lost = obj.get("lost", False)
+    if not isinstance(lost, bool):
+        raise ProtocolError("status field 'lost' is not a boolean")
     out = {"device": obj["device"], "online": obj["online"], "version": _counter(obj, "version", -1),
-           "samples": _counter(obj, "samples"), "outbox": _counter(obj, "outbox"), "time": None}
+           "samples": _counter(obj, "samples"), "outbox": _counter(obj, "outbox"), "time": None,
+           "lost": lost}
     t = obj.get("time")
     if t is not None:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1e11:

@@ -11,16 +11,17 @@ import os
 import time
 
 from edge_spl.errors import EdgeSplError
-from edge_spl.files import lock_folder, sha256_hex
+from edge_spl.files import lock_folder
 from edge_spl.manifest import ExportedModel
 from edge_spl.mqtt_session import short_session
-from edge_spl.protocol import DEFAULT_MAX_PAYLOAD, Release, Signer, Topics, encode_release, payload_limit
+from edge_spl.protocol import DEFAULT_MAX_PAYLOAD, Topics, payload_limit
 
+from .releases import history_of
 from .store import DB_FILE, SQLiteStore, StoredVersion
 
 
-def roll_back(model_dir: str, state_dir: str, to: int) -> tuple[StoredVersion, StoredVersion, ExportedModel]:
-    """Store the new version; returns (new version, the latest before it, the model)."""
+def roll_back(model_dir: str, state_dir: str, to: int) -> tuple[StoredVersion, StoredVersion, ExportedModel, str]:
+    """Store the new version; returns (new version, the latest before it, the model, the history id)."""
     if not os.path.isdir(state_dir):
         raise EdgeSplError(f"--state {state_dir}: no such folder")
     db = os.path.join(state_dir, DB_FILE)
@@ -37,17 +38,12 @@ def roll_back(model_dir: str, state_dir: str, to: int) -> tuple[StoredVersion, S
                 raise EdgeSplError(f"version {to} is the latest version already; nothing to roll back")
             target = store.get(to)
             new = store.commit(latest, [(P.copy(), g.copy()) for P, g in target.protos], [])
+            history = history_of(store)
         finally:
             store.close()
     finally:
         lock.close()
-    return new, latest, model
-
-
-def release_payload(model: ExportedModel, v: StoredVersion, signer: Signer | None = None) -> bytes:
-    """The release of version `v`, as the server would publish it."""
-    return encode_release(Release(v.version, model.manifest.onnx_sha256, v.protos, dict(v.merged),
-                                  v.created, sha256_hex(model.manifest.to_json())), signer=signer)
+    return new, latest, model, history
 
 
 def publish_release(broker: tuple[str, int], fleet: str, model: ExportedModel, release: bytes,

@@ -19,13 +19,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_spl.errors import EdgeSplError, ModelError, ProtocolError
-from edge_spl.files import atomic_write_bytes, lock_folder, sha256_hex
+from edge_spl.files import atomic_write_bytes, lock_folder
 from edge_spl.manifest import ExportedModel
 from edge_spl.mqtt_auth import MqttAuth, connect_error, refusal
-from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, Release, Signer, Topics, ack_payload,
-                               decode_delta, encode_release, payload_limit)
+from edge_spl.protocol import DEFAULT_MAX_PAYLOAD, Signer, Topics, ack_payload, decode_delta, payload_limit
 
 from . import merge
+from .releases import history_of, release_payload
 from .store import DB_FILE, SQLiteStore, StoredVersion, StoreError
 
 log = logging.getLogger("edge_spl.server")
@@ -96,6 +96,7 @@ class Server:
         try:
             self.store = SQLiteStore(os.path.join(state_dir, DB_FILE), self.model.manifest, self.model.protos)
             self.current: StoredVersion = self.store.latest()
+            self.history = history_of(self.store)
             _check_not_behind(os.path.join(state_dir, STATS_FILE), self.store.path, self.current.version)
             # (a model's releases all weigh the same, less a few header bytes: the first one tells)
             self._check_fits(model_dir, "a release", self._release_size(self.current), self.topics.release)
@@ -412,6 +413,10 @@ class Server:
             return (device, d.seq, "device mismatch", f"delta of {d.device!r} on the topic of {device!r}")
         if d.model_sha256 and d.model_sha256 != self.model.manifest.onnx_sha256:
             return (device, d.seq, "other model", f"learned on model {d.model_sha256[:12]}")
+        if d.history and d.history != self.history:
+            # made on a version history this server does not have (its database was replaced):
+            # the device renumbers and rebases it once it takes a release of this history
+            return (device, d.seq, "other history", f"history {d.history}, this server's is {self.history}")
         if (d.device, d.seq) in in_round or self.store.is_merged(d.device, d.seq):
             return (device, d.seq, "duplicate", "")
         reason = merge.validate_delta(d, self.shapes, version, self.max_row_norm)
@@ -435,10 +440,8 @@ class Server:
         return len(self._encode_release(v, limit=1 << 62)) + 64
 
     def _encode_release(self, v: StoredVersion, limit: int | None = None) -> bytes:
-        return encode_release(Release(v.version, self.model.manifest.onnx_sha256, v.protos,
-                                      dict(v.merged), v.created, sha256_hex(self.model.manifest.to_json())),
-                              payload_limit(self.max_payload, self.topics.release) if limit is None else limit,
-                              self.signing_key)
+        return release_payload(self.model, v, self.topics.fleet, self.history, self.signing_key,
+                               payload_limit(self.max_payload, self.topics.release) if limit is None else limit)
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         with self._publish_lock:

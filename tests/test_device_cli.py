@@ -256,3 +256,55 @@ def test_a_device_with_its_model_starts_while_the_broker_is_down_and_syncs_when_
         if dev.poll() is None:
             dev.kill()
         server.stop()
+
+
+def test_devices_follow_a_server_that_starts_a_new_version_history(tmp_path, tiny_model_dir, mqtt_broker, fleet):
+    """The documented remedy for a lost server.db is to delete it (and stats.json): the new server
+    starts again at version 0. Its releases name a new history, so the device takes them instead of
+    refusing them as older, and sends its outbox again on the new base: nothing is stuck at
+    `future base version`."""
+    import sqlite3
+
+    from edge_spl.server.service import Server
+    from test_faults import state_meta
+
+    srv = tmp_path / "srv"
+    server = Server(mqtt_broker, tiny_model_dir, str(srv), fleet=fleet, merge_every=0.2).start()
+    dev = subprocess.Popen(EDGE_SPL + ["device", "--broker", "%s:%d" % mqtt_broker, "--fleet", fleet, "--id", "d1",
+                                       "--source", "-", "--state", str(tmp_path / "d1"), "--model", tiny_model_dir,
+                                       "--label", "y", "--sync-every", "10", "--quiet", "--wait", "20"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = open(write_csv(tmp_path / "s.csv", n=200)).read().splitlines(keepends=True)
+    sent = 1
+    try:
+        dev.stdin.write(lines[0])
+        # until the device runs a version of the first history (it takes releases in at its syncs)
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "d1" / "device-state.bin").exists() or state_meta(tmp_path / "d1")["base_version"] < 1:
+            assert time.monotonic() < deadline and dev.poll() is None and sent < 150
+            dev.stdin.write("".join(lines[sent:sent + 10]))
+            dev.stdin.flush()
+            sent += 10
+            time.sleep(0.3)
+        server.stop()
+        (srv / "server.db").unlink()
+        (srv / "stats.json").unlink()
+        for extra in ("server.db-wal", "server.db-shm"):
+            if (srv / extra).exists():
+                (srv / extra).unlink()
+        server = Server(mqtt_broker, tiny_model_dir, str(srv), fleet=fleet, merge_every=0.2).start()
+        dev.stdin.write("".join(lines[sent:]))
+        dev.stdin.close()
+        assert dev.wait(60) == 0
+        err = dev.stderr.read()
+        assert "new version history" in err and "future base version" not in err, err
+        summary = json.loads((tmp_path / "d1" / "summary.json").read_text())
+        assert summary["outbox"] == 0 and summary["version"] == server.version >= 1, summary
+        db = sqlite3.connect(srv / "server.db")
+        seqs = [s for (s,) in db.execute("SELECT seq FROM merged_deltas WHERE device = 'd1'")]
+        db.close()
+        assert seqs, "the new history merged nothing of the device"
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+        server.stop()

@@ -341,3 +341,67 @@ def test_replay_adds_no_samples_and_a_changed_buffer_size_restarts_it(tiny, tmp_
     assert b.replay_n_ == 0 and b.n_samples_ == 30           # the cache restarts, the rest is kept
     for (P, g), (Q, h) in zip(a.protos_, b.protos_):
         np.testing.assert_array_equal(P, Q)
+
+
+def test_acks_let_a_release_take_merged_deltas_out_of_the_outbox_past_a_gap(tiny, tmp_path):
+    """Seqs 2 and 3 merged, seq 1 not (yet): the release's contiguous mark stays at 0, but the acks
+    say 2 and 3 are in it, so they are not added on top of it a second time."""
+    _, exported = tiny
+    L = FFLearner(exported, device_id="dev1")
+    deltas = []
+    for k in range(3):
+        learn(L, 5, seed=k)
+        deltas.append(L.make_delta())
+    base = [(P.copy(), g.copy()) for P, g in L.base_]
+    rel = [(P + _dense(deltas[1], i, P.shape)[0] + _dense(deltas[2], i, P.shape)[0],
+            g + _dense(deltas[1], i, P.shape)[1] + _dense(deltas[2], i, P.shape)[1]) for i, (P, g) in enumerate(base)]
+    L.note_ack(2, True, "merged", 4)
+    L.note_ack(3, False, "duplicate", 4)   # a re-send of one already merged
+    L.note_ack(9, True, "merged", 4)       # not ours: ignored
+    save_state(L, str(tmp_path))           # the acks survive a restart
+    L2 = FFLearner(exported, device_id="dev1")
+    assert load_state(L2, str(tmp_path)) and L2.settled_ == {2: 4, 3: 4}
+    assert L2.adopt_release(release_of(L2, rel, 4, {}))
+    assert [d.seq for d in L2.outstanding_] == [1]
+    for i, ((P, g), (rP, rg)) in enumerate(zip(L2.protos_, rel)):
+        dP, dg = _dense(deltas[0], i, P.shape)
+        np.testing.assert_allclose(P, rP + dP, atol=1e-5)     # the release + seq 1 only
+        np.testing.assert_allclose(g, rg + dg, atol=1e-5)
+    # an ack for a version later than the release says nothing about this release
+    learn(L2, 5, seed=7)
+    d4 = L2.make_delta()
+    L2.note_ack(d4.seq, True, "merged", 9)
+    assert L2.adopt_release(release_of(L2, rel, 5, {}))
+    assert [d.seq for d in L2.outstanding_] == [1, d4.seq]
+    # refused for good: dropped (its learning with it); a transient rejection keeps it
+    L2.note_ack(1, False, "norm too large", 5)
+    L2.note_ack(d4.seq, False, "future base version", 5)
+    assert L2.adopt_release(release_of(L2, rel, 6, {}))
+    assert [d.seq for d in L2.outstanding_] == [d4.seq]
+
+
+def test_a_release_of_a_new_version_history_is_adopted_and_the_outbox_rebased(tiny):
+    _, exported = tiny
+    L = FFLearner(exported, device_id="dev1")
+    old = release_of(L, L.base_, 7, {})
+    old.history = "a1"
+    assert L.adopt_release(old) and L.base_history_ == "a1"
+    for k in range(3):
+        learn(L, 5, seed=k)
+        d = L.make_delta()
+    assert d.seq == 3 and d.base_version == 7 and d.history == "a1"
+    L.adopt_release(release_of(L, L.base_, 8, {"dev1": 2}))   # the old server merged seqs 1 and 2
+    L.base_history_ = "a1"
+    L.note_ack(d.seq, True, "merged", 9)             # acked by the old server: means nothing now
+    older_same = release_of(L, L.base_, 3, {})
+    older_same.history = "a1"
+    assert not L.adopt_release(older_same)           # the same history: older is older
+    fresh = release_of(L, exported.protos, 0, {})
+    fresh.history = "b2"                             # the server's database was replaced
+    assert L.adopt_release(fresh)
+    assert L.base_version_ == 0 and L.base_history_ == "b2"
+    # seq 3 goes again as seq 1 of the new history, on its version 0
+    assert [(x.seq, x.base_version, x.history) for x in L.outstanding_] == [(1, 0, "b2")]
+    assert L.next_seq_ == 2 and L.settled_ == {}
+    learn(L, 5, seed=9)
+    assert (L.make_delta().seq, L.outstanding_[-1].history) == (2, "b2")

@@ -326,7 +326,7 @@ def test_a_device_with_the_public_key_adopts_signed_releases_and_refuses_forged_
 
     sha = env.model.manifest.onnx_sha256
     forged = P.Release(50, sha, [(P_ + 1, g) for P_, g in env.model.protos], {"dev1": 99})
-    genuine_v2 = P.encode_release(P.Release(2, sha, env.model.protos, {}), signer=env.key)
+    genuine_v2 = P.encode_release(P.Release(2, sha, env.model.protos, {}, fleet=env.fleet), signer=env.key)
     tampered = bytearray(genuine_v2)
     tampered[-100] ^= 1                         # a byte of the signed release's arrays
     attacks = {
@@ -335,6 +335,10 @@ def test_a_device_with_the_public_key_adopts_signed_releases_and_refuses_forged_
         "tampered": bytes(tampered),
         "another release under a valid signature": split_signed(genuine_v2)[0] + P.encode_release(forged),
         "malformed": P._HEAD.pack(P.MAGIC, P.KIND_SIGNED_RELEASE, P.FORMAT, 2) + b"{}",
+        # signed by the fleet's key, but for another fleet that shares it (replayed from there)
+        "another fleet's": P.encode_release(P.Release(60, sha, env.model.protos, {}, fleet="other-fleet"),
+                                            signer=env.key),
+        "no fleet named": P.encode_release(P.Release(61, sha, env.model.protos, {}), signer=env.key),
         "junk": b"junk",
     }
     for name, payload in attacks.items():
@@ -345,7 +349,8 @@ def test_a_device_with_the_public_key_adopts_signed_releases_and_refuses_forged_
         assert_protos_equal(learner.protos_, v1)
     # signed by the server's key but not newer: decodes, and the learner still refuses it
     for version in (1, 0):
-        fake.forge_release(P.encode_release(P.Release(version, sha, env.model.protos, {}), signer=env.key))
+        fake.forge_release(P.encode_release(P.Release(version, sha, env.model.protos, {}, fleet=env.fleet),
+                                            signer=env.key))
         seen = []
         deadline = time.monotonic() + WAIT
         while not seen and time.monotonic() < deadline:
@@ -379,8 +384,8 @@ def test_a_device_pulling_its_model_takes_only_a_verified_release_and_its_manife
     doctored = manifest.replace(b'"model_id": "tiny"', b'"model_id": "evil"')
     assert doctored != manifest
     fake.publish(env.topics.manifest, doctored, retain=True)
-    fake.forge_release(P.encode_release(P.Release(7, sha, env.model.protos, {}, 0.0, sha256_hex(manifest)),
-                                        signer=env.key))
+    fake.forge_release(P.encode_release(P.Release(7, sha, env.model.protos, {}, 0.0, sha256_hex(manifest),
+                                                  env.fleet), signer=env.key))
     with pytest.raises(EdgeSplError, match="do not match"):
         env.device("puller2").pull_model(1.5)
     fake.publish(env.topics.manifest, manifest, retain=True)

@@ -24,13 +24,15 @@ EDGE_SPL = [sys.executable, "-m", "edge_spl"]
 
 def test_status_round_trip_and_rejections():
     s = decode_status(status_payload("pi-1", True, 7, 1200, 2, at=1.7e9))
-    assert s == {"device": "pi-1", "online": True, "version": 7, "samples": 1200, "outbox": 2, "time": 1.7e9}
+    assert s == {"device": "pi-1", "online": True, "version": 7, "samples": 1200, "outbox": 2, "time": 1.7e9,
+                 "lost": False}
+    assert decode_status(status_payload("pi-1", False, lost=True))["lost"] is True
     assert abs(decode_status(status_payload("pi-1", False))["time"] - time.time()) < 60
     old = json.dumps({"device": "d", "online": False, "version": -1, "samples": 0, "outbox": 0}).encode()
     assert decode_status(old)["time"] is None                  # devices from before the time field
     base = {"device": "d", "online": True, "version": 1, "samples": 3, "outbox": 0, "time": 1.0}
     for bad in ({"device": "a/b"}, {"online": 1}, {"version": -2}, {"samples": True}, {"outbox": 1.5},
-                {"time": "now"}, {"time": -1}, {"device": None}):
+                {"time": "now"}, {"time": -1}, {"device": None}, {"lost": "yes"}):
         with pytest.raises(ProtocolError):
             decode_status(json.dumps({**base, **bad}).encode())
     for junk in (b"", b"[1]", b"\xff\xfe", b"{" * 5000):
@@ -92,7 +94,7 @@ def test_status_shows_online_offline_and_killed_devices(tmp_path, tiny_model_dir
         killed.send_signal(signal.SIGKILL)
         killed.wait(10)
         # the broker notices after 1.5 keepalives (30 s), or at once when the socket closes
-        wait_for(lambda: states(mqtt_broker, fleet).get("killed") == "offline",
+        wait_for(lambda: states(mqtt_broker, fleet).get("killed") == "lost",
                  "the last will of the killed device", timeout=60)
 
         got = status_cli(mqtt_broker, fleet)
@@ -105,9 +107,9 @@ def test_status_shows_online_offline_and_killed_devices(tmp_path, tiny_model_dir
         summary = json.loads((tmp_path / "done" / "summary.json").read_text())
         assert table["done"][2].split()[0] == f"v{summary['version']}" and table["done"][4] == "0" == str(summary["outbox"])
         assert table["live"][1] == "online" and int(table["live"][3]) >= 20
-        assert table["killed"][1:3] == ["offline", "-"]       # the will carries no figures
+        assert table["killed"][1:3] == ["lost", "-"] and table["killed"][5] == "-"   # the will has no figures
         assert f"release v{server.version}" in got.stdout.splitlines()[0]
-        assert "3 devices: 1 online, 2 offline" in got.stdout
+        assert "3 devices: 1 online, 1 offline, 1 lost" in got.stdout
 
         # a forged status is ignored and counted, not shown
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
@@ -149,3 +151,16 @@ def test_status_errors_are_one_line(tmp_path):
                          text=True, timeout=60)
     assert got.returncode == 2 and len(got.stderr.strip().splitlines()) == 1
     assert "cannot reach MQTT broker" in got.stderr and "Traceback" not in got.stderr
+
+
+def test_an_online_status_that_stopped_beating_is_silent():
+    from edge_spl.cli.status import SILENT_AFTER, table
+
+    now = time.time()
+    found = {"release": None, "malformed": 0, "devices": {
+        "fresh": decode_status(status_payload("fresh", True, 3, 10, 0, at=now - 5)),
+        "gone": decode_status(status_payload("gone", True, 3, 10, 0, at=now - SILENT_AFTER - 1)),
+        "bye": decode_status(status_payload("bye", False, 3, 10, 0, at=now - 9)),
+        "will": decode_status(status_payload("will", False, lost=True, at=now - 99))}}
+    got = {k: v[1] for k, v in rows(table("f", ("h", 1), found, now)).items()}
+    assert got == {"fresh": "online", "gone": "silent", "bye": "offline", "will": "lost"}

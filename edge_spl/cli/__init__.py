@@ -291,15 +291,20 @@ def build_parser(with_rollback: bool = True) -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="the fleet as a table: every device's state, version, samples, outbox",
                         description="Read the fleet's retained messages on the broker and print one row "
-                                    "per device (online/offline -- the broker publishes a device's last "
-                                    "will when it vanishes --, the release version it runs, samples seen, "
-                                    "deltas in its outbox, when it last reported) and the fleet's current "
-                                    "release. Exits 1 when the fleet has neither a release nor a device.")
+                                    "per device and the fleet's current release. A device is online (it "
+                                    "reported within 3 heartbeats of 60 s), silent (it says online but has "
+                                    "not reported for longer: gone without a will), offline (it said "
+                                    "goodbye) or lost (the broker published its last will); then the "
+                                    "release version it runs, samples seen, deltas in its outbox, when it "
+                                    "last reported. Exits 1 when the fleet has neither a release nor a device.")
     st.add_argument("--broker", type=broker_address, required=True, metavar="HOST:PORT", help="MQTT broker")
     st.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default 'default')")
     st.add_argument("--wait", type=positive_seconds, default=2.0, metavar="SEC",
                     help="how long to collect the retained statuses (default 2)")
     st.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    st.add_argument("--verify-key", metavar="FILE",
+                    help="check the release's signature with this public key (release.pub); one that "
+                         "does not verify counts as malformed")
     add_broker_auth(st, "MQTT user name (one that may read the fleet's status and release topics)")
 
     m = sub.add_parser("demo", help="the whole loop on the gas drift data (needs [demo])",

@@ -36,6 +36,7 @@ QUIET_EVERY = 500
 # stored, a full inbox), and it dedups what it already has.
 RESEND_AFTER = 60.0
 MAX_UNKNOWN_LABELS = 20
+MAX_OUTBOX = 32
 
 
 class Counters:
@@ -183,9 +184,12 @@ def _run(args, sync: DeviceSync | None) -> int:
     def apply(events):
         for ev in events:
             if ev.kind == "release":
+                history = learner.base_history_
                 if learner.adopt_release(ev.value):
                     c.versions_adopted.append(learner.base_version_)
                     log.debug("adopted release v%d", learner.base_version_)
+                    if history and learner.base_history_ != history and learner.outstanding_:
+                        sync.resend.set()   # rebased onto a new version history: send them again
                 elif ev.value.version == learner.base_version_ and learner.outstanding_:
                     # The server republishes its newest release whenever it (re)connects: after a
                     # restart it may have lost deltas it had PUBACKed but not stored. Re-send the
@@ -193,6 +197,7 @@ def _run(args, sync: DeviceSync | None) -> int:
                     sync.resend.set()
             elif ev.kind == "ack":
                 answered.add(ev.value["seq"])
+                learner.note_ack(ev.value["seq"], ev.value["accepted"], ev.value["reason"], ev.value["version"])
                 if ev.value["accepted"]:
                     continue
                 if ev.value["reason"] == "duplicate":   # a re-sent delta the server already has
@@ -227,7 +232,9 @@ def _run(args, sync: DeviceSync | None) -> int:
             flush_outbox()
             # offline, learning stays unpushed and goes out as one delta on reconnect; a delta
             # over the broker's packet size goes as several, each a group of rows
-            if sync.connected.is_set():
+            # An outbox that no server answers (the server down, the broker up) stops growing at
+            # MAX_OUTBOX: learning goes on, unpushed, and leaves as one delta once it drains.
+            if sync.connected.is_set() and len(learner.outstanding_) < MAX_OUTBOX:
                 new = learner.make_deltas(sync.delta_limit)
         # Write-ahead: the delta is in the saved outbox before it can reach the server. Saved
         # after the publish, a crash in between would restart without it and give its seq to

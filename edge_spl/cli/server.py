@@ -49,20 +49,21 @@ def run(args) -> int:
 def rollback(args) -> int:
     """`edge-spl server rollback`: a new version with the prototypes of version --to."""
     from edge_spl.protocol import Topics
-    from edge_spl.server.rollback import publish_release, release_payload, roll_back
+    from edge_spl.server.releases import release_payload
+    from edge_spl.server.rollback import publish_release, roll_back
 
     Topics(args.fleet)   # a bad fleet name fails before anything is stored
     signing_key = _signing_key(args)           # likewise a bad key file
     auth = MqttAuth.from_args(args)
     if auth.given and not args.broker:
         raise EdgeSplError("--username and --tls-* need --broker")
-    new, was, model = roll_back(args.model, args.state, args.to)
+    new, was, model, history = roll_back(args.model, args.state, args.to)
     print(f"stored version {new.version} in {args.state}: the prototypes of version {args.to} "
           f"(the latest was {was.version}); merged marks of {len(new.merged)} devices kept")
     if not args.broker:
         print(f"not published (no --broker): the next `edge-spl server --state {args.state}` publishes it")
         return 0
-    payload = release_payload(model, new, signing_key)
+    payload = release_payload(model, new, args.fleet, history, signing_key)
     host, port = args.broker
     try:
         publish_release(args.broker, args.fleet, model, payload, auth=auth, max_packet=args.max_packet)
