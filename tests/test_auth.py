@@ -322,3 +322,35 @@ def test_options_are_checked_before_connecting(tmp_path, certs, tiny_model_dir, 
                  "--username", "d1", "--tls-ca", str(tmp_path / "nope.crt")])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("nope.crt: no such file")
+
+
+def test_a_device_cannot_take_the_servers_client_id(broker, server_on, tiny_model_dir):
+    """Under another id (the server's, with a clean session) a device would kick the server off and
+    wipe its persistent session; the documented config gives every client its user name as id."""
+    server = server_on()
+    model = ExportedModel.load(tiny_model_dir)
+    impostor = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-spl-server-{broker.fleet}",
+                           clean_session=True, protocol=mqtt.MQTTv311)
+    broker.auth("d1").apply(impostor)
+    impostor.connect(broker.host, broker.plain)
+    impostor.loop_start()
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            assert server._connected.is_set(), broker.log_text()[-2000:]
+            time.sleep(0.05)
+        d1 = DeviceSync(broker.host, broker.plain, broker.fleet, "d1", auth=broker.auth("d1"))
+        d1.start(5)
+        try:
+            d1.publish_delta(one_row_delta(model, "d1", 1)).wait_for_publish(5)
+            deadline = time.monotonic() + 10
+            while server.version < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            d1.close()
+    finally:
+        impostor.disconnect()
+        impostor.loop_stop()
+    assert server.version == 1 and server._connected.is_set()
+    log = broker.log_text()
+    assert f"Client {SERVER_USER} already connected" not in log and "as d1" in log   # the impostor was d1

@@ -308,3 +308,17 @@ def test_devices_follow_a_server_that_starts_a_new_version_history(tmp_path, tin
         if dev.poll() is None:
             dev.kill()
         server.stop()
+
+
+def test_a_fifo_is_a_source(tmp_path, tiny_model_dir):
+    """A sensor reader writing into a named pipe (or a serial device) is read as a stream."""
+    fifo = tmp_path / "sensor.fifo"
+    os.mkfifo(fifo)
+    dev = subprocess.Popen(EDGE_SPL + ["device", "--id", "d1", "--source", str(fifo), "--state", str(tmp_path / "s"),
+                                       "--model", tiny_model_dir, "--label", "y", "--quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(fifo, "w") as f:
+        f.write(open(write_csv(tmp_path / "x.csv", n=12)).read())
+    out, err = dev.communicate(timeout=60)
+    assert dev.returncode == 0, err
+    assert out.strip().splitlines()[-1].startswith("12 samples")

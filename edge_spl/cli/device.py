@@ -59,7 +59,8 @@ class Counters:
 def run(args) -> int:
     check_name("device id", args.id)
     Topics(args.fleet)
-    if args.source != "-" and not os.path.isfile(args.source):
+    # a file, or a FIFO or serial device to read as a stream; not a folder
+    if args.source != "-" and (not os.path.exists(args.source) or os.path.isdir(args.source)):
         raise DataError(f"{args.source}: {'is a folder, expected a file' if os.path.isdir(args.source) else 'no such file'}")
     if args.wait < 0:
         raise EdgeSplError(f"--wait {args.wait:g}: expected a number of seconds >= 0")
