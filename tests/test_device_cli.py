@@ -322,3 +322,42 @@ def test_a_fifo_is_a_source(tmp_path, tiny_model_dir):
     out, err = dev.communicate(timeout=60)
     assert dev.returncode == 0, err
     assert out.strip().splitlines()[-1].startswith("12 samples")
+
+
+def test_with_no_server_the_outbox_stops_growing_and_nothing_is_lost(tmp_path, tiny_model_dir, mqtt_broker, fleet):
+    import sqlite3
+
+    from edge_spl.cli.device import MAX_OUTBOX
+    from edge_spl.server.service import Server
+    from test_faults import state_meta
+
+    state = tmp_path / "d1"
+    dev = subprocess.Popen(EDGE_SPL + ["device", "--broker", "%s:%d" % mqtt_broker, "--fleet", fleet, "--id", "d1",
+                                       "--source", "-", "--state", str(state), "--model", tiny_model_dir,
+                                       "--label", "y", "--sync-every", "2", "--quiet", "--wait", "30"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = open(write_csv(tmp_path / "s.csv", n=200)).read().splitlines(keepends=True)
+    server = None
+    try:
+        dev.stdin.write("".join(lines[:161]))           # 80 syncs, and no server to answer
+        dev.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not state.joinpath("device-state.bin").exists() or state_meta(state)["n_samples"] < 160:
+            assert time.monotonic() < deadline and dev.poll() is None
+            time.sleep(0.1)
+        assert state_meta(state)["n_outstanding"] == MAX_OUTBOX
+        server = Server(mqtt_broker, tiny_model_dir, str(tmp_path / "srv"), fleet=fleet, merge_every=0.2).start()
+        dev.stdin.write("".join(lines[161:]))
+        dev.stdin.close()
+        assert dev.wait(60) == 0, dev.stderr.read()
+        summary = json.loads((state / "summary.json").read_text())
+        assert summary["outbox"] == 0 and summary["samples"] == 200
+        db = sqlite3.connect(tmp_path / "srv" / "server.db")
+        seqs = sorted(s for (s,) in db.execute("SELECT seq FROM merged_deltas WHERE device = 'd1'"))
+        db.close()
+        assert seqs == list(range(1, summary["deltas_pushed"] + 1)) and len(seqs) < 100
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+        if server is not None:
+            server.stop()
