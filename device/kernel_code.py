@@ -36,8 +36,9 @@ def kernel_flags(fast: bool) -> dict:
     fast (the head step only): reassociation, contraction and approximate functions, so LLVM
     vectorises the float32 loops, uses FMAs and turns x / sqrt(y) into x * rsqrt(y) with a
     Newton step (relative error ~1e-7 instead of 0.5 ulp). No nnan/ninf: NaN and inf keep their
-    meaning."""
-    flags = {"cache": True, "nogil": True, "error_model": "numpy"}
+    meaning. The head step also keeps the GIL (~10 us a call; releasing and taking it back costs
+    ~70 ns of it), as the AOT module's kernels do."""
+    flags = {"cache": True, "nogil": not fast, "error_model": "numpy"}
     if fast:
         flags["fastmath"] = {"nsz", "arcp", "contract", "afn", "reassoc"}
     return flags
@@ -161,115 +162,143 @@ def _pick(s, n):
     return s, np.int64(((z >> _S32) * np.uint64(n)) >> _S32)
 
 
-@kernel(fast=True)
-def _head_update(h, G, label, P, g, vP, vg, lr, lr_gate, decay, power, nxt, G_next, e):
-    """One label-conditioned FF step of the head on input h with routing G: every class row
-    moves, target 1 for `label` and 0 for the others. With decay > 0 it is the rule of
-    `_ff_update_rms`, bias-corrected by corr = 1 - decay**n after n steps, where
-    power = decay**(n - 1) is passed in (a running product: one pow per kernel call, not per
-    step); with decay = 0 the rule of `_ff_update`. float32 arithmetic. Returns decay**n.
-
-    While each row is updated, the routing of the next input `nxt` on the updated head is
-    accumulated into G_next (so the next step needs no pass of its own over P); e: float32 [C]
-    scratch."""
-    C, d = P.shape
-    inv_sqrt = np.float32(1.0 / math.sqrt(d))
-    for j in range(C):   # the sigmoids first: C independent exp calls pipeline
-        t = _ONE32 if j == label else _ZERO32
-        e[j] = _ONE32 / (_ONE32 + math.exp(-G[j])) - t
-    if decay > 0:
-        power *= decay
-        inv_corr = np.float32(1.0 / (1.0 - power))
-        keep = _ONE32 - decay
-        for j in range(C):
-            c = e[j] * inv_sqrt
-            Pj = P[j]
-            vPj = vP[j]
-            acc = _ZERO32
-            for k in range(d):
-                gr = c * h[k]
-                v = decay * vPj[k] + keep * gr * gr
-                vPj[k] = v
-                p = Pj[k] - lr * gr / math.sqrt(v * inv_corr + _EPS32)
-                Pj[k] = p
-                acc += nxt[k] * p
-            G_next[j] = acc * inv_sqrt
-        for j in range(C):   # the gates after the rows: C independent sqrt/div chains pipeline
-            ej = e[j]
-            v = decay * vg[j] + keep * ej * ej
-            vg[j] = v
-            g[j] += lr_gate * ej / math.sqrt(v * inv_corr + _EPS32)
-            G_next[j] -= g[j]
-    else:
-        for j in range(C):
-            c = lr * e[j] * inv_sqrt
-            Pj = P[j]
-            acc = _ZERO32
-            for k in range(d):
-                p = Pj[k] - c * h[k]
-                Pj[k] = p
-                acc += nxt[k] * p
-            g[j] += lr * e[j]
-            G_next[j] = acc * inv_sqrt - g[j]
-    return power
+# The head arena: one 64-byte aligned uint8 array that holds everything `_ff_head_step` reads
+# and writes besides the sample's own inputs, so a call passes 4 arguments instead of 13 (each
+# costs ~60 ns of Python->numba call overhead). `kernels.head_arena` makes it and the learner keeps
+# its P, g, vP, vg, replay ring and counters as views into it. It starts with HEAD_SLOTS int64
+# slots: the counters (RMS head steps, inputs ever stored, the SplitMix64 state), the ring's
+# length, the head's shape (C classes, d inputs), then the byte offset of each part (each 64-byte
+# aligned), in HEAD_PARTS order.
+HEAD_STEPS, HEAD_STORED, HEAD_RNG, HEAD_RING, HEAD_C, HEAD_D, HEAD_OFFSETS = 0, 1, 2, 3, 4, 5, 6
+HEAD_SLOTS = 16
+# name, dtype (f4 or i8), shape in terms of C (classes), d (head input), R (ring length).
+# X: the ring's R inputs, then (row R) a copy of this sample's, so every step reads its input as
+# a row of one array
+HEAD_PARTS = (("P", "f4", "C d"), ("vP", "f4", "C d"), ("X", "f4", "R+1 d"), ("g", "f4", "C"), ("vg", "f4", "C"),
+              ("counts", "f4", "C"), ("hp", "f4", "4"), ("e", "f4", "C"), ("Y", "i8", "R"))
+_P, _VP, _X, _G, _VG, _COUNTS, _HP, _E, _Y = (HEAD_OFFSETS + i for i in range(len(HEAD_PARTS)))
+assert HEAD_OFFSETS + len(HEAD_PARTS) <= HEAD_SLOTS
 
 
-@kernel("void(f4[:, ::1], f4[:, ::1], i8, f4[:, ::1], f4[::1], f4[:, ::1], f4[::1], f4[:, ::1], i8[::1], "
-        "i8[::1], f4[::1], f4[::1], f4[:, ::1])", fast=True)
-def _ff_head_step(H, G, label, P, g, vP, vg, U, Y, st, hp, counts, work):
+@kernel("void(f4[:, ::1], f4[:, ::1], i8, u1[::1])", fast=True)
+def _ff_head_step(H, G, label, A):
     """The default learner's whole head update for one labelled sample, in one call:
-      1. the head step on H[0] (the head's input) with routing G[0] (the logits) and `label`
-         (`_head_update`); counts += 1 on every class row;
-      2. latent replay: `replay` more head steps, each on a stored input U[i] with its label
-         Y[i], i drawn uniformly (with replacement) from the min(st[1], len(U)) stored ones by
-         the SplitMix64 stream at st[2], routing recomputed from the current P, g; a replayed
-         step adds no count (it is not a new sample for the merge weights);
-      3. when replay > 0, H[0] and label are stored in the ring U, Y at slot st[1] % len(U).
-    hp (float32 [4]): lr_head, lr_gate, rms_decay, replay (a whole number); packed, like st,
-    because every argument costs ~50 ns of call overhead. work: float32 [2, C] scratch.
-    st (int64 [3]): RMS steps taken, inputs ever stored, the random stream's state (its bits
-    as int64); updated in place."""
+      1. the head step on H[0] (the head's input) with routing G[0] (the logits) and `label`;
+         counts += 1 on every class row;
+      2. latent replay: `replay` more head steps, each on a stored input X[i] with its label
+         Y[i], i drawn uniformly (with replacement) from the min(stored, R) stored ones by
+         the SplitMix64 stream, routing recomputed from the current P, g; a replayed step adds
+         no count (it is not a new sample for the merge weights);
+      3. when replay > 0, H[0] and label are stored in the ring X, Y at slot stored % R.
+    A is the head arena (HEAD_PARTS): P, g, vP, vg (float32 [C, d], [C]), the ring X, Y
+    (float32 [R + 1, d], int64 [R]), counts (float32 [C]), hp (float32 [4]: lr_head, lr_gate,
+    rms_decay, replay, a whole number), e (float32 [C] scratch: the next step's errors) and the
+    int64 counters (RMS steps taken, inputs ever stored, the random stream's state as int64
+    bits), updated in place.
+
+    A head step is label-conditioned FF: every class row moves, target 1 for the label and 0 for
+    the others. With decay > 0 it is the rule of `_ff_update_rms`, bias-corrected by
+    corr = 1 - decay**n after n steps (decay**n a running product: at most one pow per call);
+    with decay = 0 the rule of `_ff_update`. float32 arithmetic; the second moment is written
+    v + (1 - decay) (gr**2 - v), the same 4 FLOPs as decay v + (1 - decay) gr**2 with one vector
+    instruction fewer (two of them fuse into FMAs). While a row is updated, the routing of the
+    next step's input on the updated row is accumulated (so a step needs no pass of its own over
+    P), and turned into that row's error for the next step at once.
+
+    The steps make no array views and call no function that takes arrays: each array passed or
+    viewed costs an atomic reference count, which waits for the stores before it to drain
+    (~0.1 us a step, when the step was a function of 14 arguments)."""
+    # A view or a reshape costs ~25 ns per call: the small parts are slices of two views of
+    # the arena. P, vP and X are 2-d views of their own (the row loop vectorises behind one
+    # runtime overlap check; as flat slices of one view it does not vectorise at all)
+    F = A.view(np.float32)
+    st = A.view(np.int64)
+    C = st[HEAD_C]
+    d = st[HEAD_D]
+    R = st[HEAD_RING]
+    if H.shape[1] != d or G.shape[1] != C:   # the arena is raw memory: never index past it
+        raise ValueError("H or G does not fit the head arena")
+    P = F[st[_P] // 4:st[_P] // 4 + C * d].reshape((C, d))
+    vP = F[st[_VP] // 4:st[_VP] // 4 + C * d].reshape((C, d))
+    X = F[st[_X] // 4:st[_X] // 4 + (R + 1) * d].reshape((R + 1, d))
+    g = F[st[_G] // 4:st[_G] // 4 + C]
+    vg = F[st[_VG] // 4:st[_VG] // 4 + C]
+    counts = F[st[_COUNTS] // 4:st[_COUNTS] // 4 + C]
+    hp = F[st[_HP] // 4:st[_HP] // 4 + 4]
+    e = F[st[_E] // 4:st[_E] // 4 + C]
+    Y = st[st[_Y] // 8:st[_Y] // 8 + R]
     lr, lr_gate, decay = hp[0], hp[1], hp[2]
     replay = np.int64(hp[3])
-    h = H[0]
-    C = P.shape[0]
-    e = work[0]
-    G_next = work[1]
-    # every step reads its routing from G_next, so _head_update compiles once (one set of types)
-    for j in range(C):
-        G_next[j] = G[0, j]
-    steps = st[0]
-    power = float(decay) ** steps if decay > 0 else 0.0
-    n = min(st[1], U.shape[0]) if replay > 0 else 0
+    inv_sqrt = np.float32(1.0 / math.sqrt(d))
+    keep = _ONE32 - decay
+    for k in range(d):   # this sample's input as row R of X
+        X[R, k] = H[0, k]
+    steps = st[HEAD_STEPS]
+    power = 0.0
+    # decay**steps, the bias correction's: once it is below 2**-54, 1 - it is 1.0 in float64 and
+    # corr is exactly 1, so the pow (~0.1 us) is skipped (the same bits: e**-42 < 2**-60)
+    if decay > 0 and steps * math.log(decay) > -42.0:
+        power = float(decay) ** steps
+    n = min(st[HEAD_STORED], R) if replay > 0 else 0
     todo = replay if n > 0 else 0
-    s = np.uint64(st[2])
-    # the next input is drawn before each step, so that step computes its routing (see
-    # _head_update); the last step computes one it does not need. One call site of
-    # _head_update for all steps: LLVM inlines and vectorises it once (compile time)
-    i = 0
+    s = np.uint64(st[HEAD_RNG])
+    for j in range(C):   # the first step's errors, from the logits
+        e[j] = _ONE32 / (_ONE32 + math.exp(-G[0, j])) - (_ONE32 if j == label else _ZERO32)
+    # The next step's input is drawn before each step, so that the step accumulates its routing
+    # on each row as it updates it and turns it into that row's error for the next step at once
+    # (the exp overlaps the next row's update)
+    x = R   # the row of X of this step's input (nx: the next step's)
     for r in range(todo + 1):
-        if r == 0:
-            x, y = h, label
-        else:
-            x, y = U[i], Y[i]
+        nx, ny = R, -1   # the last step: no next step
         if r < todo:
-            s, i = _pick(s, n)
-        power = _head_update(x, G_next, y, P, g, vP, vg, lr, lr_gate, decay, power,
-                             U[i] if r < todo else h, G_next, e)
+            s, nx = _pick(s, n)
+            ny = Y[nx]
         if decay > 0:
+            power *= decay
+            inv_corr = np.float32(1.0 / (1.0 - power))
+            for j in range(C):
+                ej = e[j]
+                c = ej * inv_sqrt
+                acc = _ZERO32
+                for k in range(d):
+                    gr = c * X[x, k]
+                    w = vP[j, k]
+                    v = w + keep * (gr * gr - w)
+                    vP[j, k] = v
+                    p = P[j, k] - lr * gr / math.sqrt(v * inv_corr + _EPS32)
+                    P[j, k] = p
+                    acc += X[nx, k] * p
+                v = decay * vg[j] + keep * ej * ej
+                vg[j] = v
+                g[j] += lr_gate * ej / math.sqrt(v * inv_corr + _EPS32)
+                if ny >= 0:
+                    Gj = acc * inv_sqrt - g[j]
+                    e[j] = _ONE32 / (_ONE32 + math.exp(-Gj)) - (_ONE32 if j == ny else _ZERO32)
             steps += 1
+        else:
+            for j in range(C):
+                c = lr * e[j] * inv_sqrt
+                acc = _ZERO32
+                for k in range(d):
+                    p = P[j, k] - c * X[x, k]
+                    P[j, k] = p
+                    acc += X[nx, k] * p
+                g[j] += lr * e[j]
+                if ny >= 0:
+                    Gj = acc * inv_sqrt - g[j]
+                    e[j] = _ONE32 / (_ONE32 + math.exp(-Gj)) - (_ONE32 if j == ny else _ZERO32)
+        x = nx
     for j in range(C):
         counts[j] += 1.0
     if todo > 0:
-        st[2] = np.int64(s)
+        st[HEAD_RNG] = np.int64(s)
     if replay > 0:
-        slot = st[1] % U.shape[0]
-        Us = U[slot]
-        for k in range(h.shape[0]):   # a loop, not U[slot, :] = h: slice assignment costs ~1 s of compile
-            Us[k] = h[k]
+        slot = st[HEAD_STORED] % R
+        for k in range(d):   # a loop, not a slice assignment: that costs ~1 s of compile
+            X[slot, k] = X[R, k]
         Y[slot] = label
-        st[1] += 1
-    st[0] = steps
+        st[HEAD_STORED] += 1
+    st[HEAD_STEPS] = steps
 
 
 @kernel("i8(f4[::1], i8, i8[::1], f4[::1])")

@@ -21,9 +21,10 @@ import numpy as np
 
 from . import kernel_code as _code
 from .kernel_code import _GOLDEN, _MIX1, _MIX2, RMS_EPS, SD_FLOOR  # noqa: F401  (re-exported)
+from .kernel_code import HEAD_C, HEAD_D, HEAD_OFFSETS, HEAD_PARTS, HEAD_RING, HEAD_SLOTS
 
 __all__ = ["BACKEND", "RMS_EPS", "SD_FLOOR", "check_f32", "ema_standardize", "ff_update", "ff_update_batch",
-           "ff_update_rms", "ff_update_rms_batch", "replay_picks", "var_floor"]
+           "ff_update_rms", "ff_update_rms_batch", "head_arena", "replay_picks", "var_floor"]
 
 
 def _bind():
@@ -49,6 +50,31 @@ _ff_update_pair = _impl._ff_update_pair
 _ff_hidden_step = _impl._ff_hidden_step
 _ff_update_batch = _impl._ff_update_batch
 _ff_update_rms_batch = _impl._ff_update_rms_batch
+
+
+def head_arena(C: int, d: int, R: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A zeroed head arena for `_ff_head_step` (kernel_code.HEAD_PARTS): a C x d head and a replay
+    ring of R inputs. Returns (arena, views): the uint8 arena, 64-byte aligned, and a C-contiguous
+    view of every part by name, plus "U", the ring (X[:R]), and "st", the int64 counters (RMS head
+    steps, inputs ever stored, the replay stream's state)."""
+    dims = {"C": C, "d": d, "R": R, "R+1": R + 1, "4": 4}
+    layout, off = [], 8 * HEAD_SLOTS
+    for name, dtype, shape in HEAD_PARTS:
+        shape = tuple(dims[k] for k in shape.split())
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        layout.append((name, dtype, shape, off, nbytes))
+        off += -(-nbytes // 64) * 64
+    raw = np.zeros(off + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    arena = raw[start:start + off]
+    slots = arena[:8 * HEAD_SLOTS].view(np.int64)
+    slots[HEAD_RING], slots[HEAD_C], slots[HEAD_D] = R, C, d
+    views = {"st": slots[:HEAD_RING]}
+    for i, (name, dtype, shape, o, nbytes) in enumerate(layout):
+        slots[HEAD_OFFSETS + i] = o
+        views[name] = arena[o:o + nbytes].view(dtype).reshape(shape)
+    views["U"] = views["X"][:R]
+    return arena, views
 
 
 def replay_picks(state: int, n: int, count: int) -> tuple[int, np.ndarray]:

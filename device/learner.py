@@ -27,7 +27,7 @@ from edge_spl.errors import DataError
 from edge_spl.manifest import ExportedModel, proto_values_ok
 from edge_spl.protocol import TRANSIENT_REJECTIONS, LayerDelta, PrototypeDelta, Release, check_name, split_delta
 
-from .kernels import _ema_standardize, _ff_head_step, _ff_hidden_step, _ff_update_pair, var_floor
+from .kernels import _ema_standardize, _ff_head_step, _ff_hidden_step, _ff_update_pair, head_arena, var_floor
 from .session import OnnxModel
 
 log = logging.getLogger("edge_spl.device")
@@ -88,7 +88,6 @@ class FFLearner:
         self.sizes = list(m.sizes)
         self.n_layers = m.n_layers
         d = self.sizes[0]
-        self._build()
 
         self.mean_ = np.asarray(m.mean, np.float32).copy()
         self.var_ = np.square(np.asarray(m.std, np.float32))
@@ -102,6 +101,8 @@ class FFLearner:
         # most), or -1 for refused for good (note_ack)
         self.settled_: dict[int, int] = {}
         self.next_seq_ = 1
+        # counts_[-1], protos_[-1], vP_, vg_, replay_u_, replay_y_ and head_state_ become views into
+        # the head kernel's arena (_pack_head): update them in place, never rebind them
         self.counts_ = [np.zeros(s, np.float32) for s in self.sizes[1:]]
         # running mean of the squared head gradients and the number of head steps (local, not synced)
         self.vP_ = np.zeros(m.proto_shapes()[-1][0], np.float32)
@@ -118,9 +119,11 @@ class FFLearner:
         self.prev_z_ = np.zeros(d, np.float32)
         self.has_prev_ = False
         self.rng_ = np.random.default_rng(self.seed)
+        self._build()
 
     def _build(self) -> None:
-        """Session and work buffers: derived from the model, never saved or pickled."""
+        """Session, work buffers and the head arena: derived from the model and the learned arrays
+        (which move into the arena), never saved or pickled."""
         d = self.sizes[0]
         self.onnx = OnnxModel(self.model)
         self._alpha32 = np.float32(self.alpha)
@@ -137,10 +140,26 @@ class FFLearner:
         self._r_names = [f"r{i}" for i in range(self.n_layers)]
         self._h_names = [f"h{i}" for i in range(self.n_layers)]
         self._work = [np.zeros(s, np.float32) for s in hidden]
-        self._ghead = np.zeros((2, self.sizes[-1]), np.float32)   # the head kernel's scratch
         self._head_on = self.lr_head > 0
-        self._head_hp = np.array([self.lr_head, self.lr_gate, self.rms_decay, self.replay], np.float32)
+        self._head_in = self._h_names[-1] if self.n_layers > 1 else None   # None: the head reads z
+        self._pack_head()
         _warm_up(hidden=self.lr_hidden > 0 and self.n_layers > 1)
+
+    def _pack_head(self) -> None:
+        """Move everything the head kernel updates into one arena (kernels.head_arena), so its call
+        takes 4 arguments: protos_[-1], vP_, vg_, replay_u_, replay_y_, counts_[-1] and head_state_
+        become views into it, with their values. onnxruntime is bound to the views on the next
+        run (a session binds the arrays it is handed)."""
+        P, g = self.protos_[-1]
+        self._arena, v = head_arena(P.shape[0], P.shape[1], self.replay_size)
+        for name, a in (("P", P), ("g", g), ("vP", self.vP_), ("vg", self.vg_), ("U", self.replay_u_),
+                        ("Y", self.replay_y_), ("counts", self.counts_[-1]), ("st", self.head_state_)):
+            v[name][...] = a
+        v["hp"][:] = (self.lr_head, self.lr_gate, self.rms_decay, self.replay)
+        self.protos_[-1] = (v["P"], v["g"])
+        self.vP_, self.vg_, self.replay_u_, self.replay_y_ = v["vP"], v["vg"], v["U"], v["Y"]
+        self.counts_[-1] = v["counts"]
+        self.head_state_ = v["st"]
 
     def __getstate__(self):
         # The onnxruntime session cannot be pickled; it is rebuilt from the model bytes.
@@ -238,13 +257,11 @@ class FFLearner:
                     _ff_update_pair(h[0], r[0], h[1], r[1], rows, k, P, g, self._lr_hidden32,
                                     self.counts_[i])
         if label >= 0 and self._head_on:
-            # the head step, its replay and the ring store, all in one kernel call: per call,
-            # Python->numba costs ~0.1 us an array, so the head's inputs go in as the 2-d
-            # buffers onnxruntime filled (row 0 is this sample)
-            H = outs[self._h_names[-1]] if self.n_layers > 1 else batch
-            P, g = self.protos_[-1]
-            _ff_head_step(H, outs["logits"], label, P, g, self.vP_, self.vg_, self.replay_u_, self.replay_y_,
-                          self.head_state_, self._head_hp, self.counts_[-1], self._ghead)
+            # the head step, its replay and the ring store, all in one kernel call on the head
+            # arena; each argument costs ~60 ns of call overhead, so the head's inputs go in as the
+            # 2-d buffers onnxruntime filled (row 0 is this sample)
+            _ff_head_step(batch if self._head_in is None else outs[self._head_in], outs["logits"], label,
+                          self._arena)
 
     # -- sync bookkeeping ----------------------------------------------------------------------
 
@@ -393,8 +410,10 @@ def _warm_up(hidden: bool = True) -> None:
     M = np.zeros((2, 2), np.float32)
     one = np.float32(1.0)
     _ema_standardize(v, v.copy(), np.ones(2, np.float32), np.ones(2, np.float32), one, one, v.copy())
-    _ff_head_step(M, M.copy(), 0, M.copy(), v.copy(), M.copy(), v.copy(), M.copy(), np.zeros(2, np.int64),
-                  np.array([0, 1, 0], np.int64), np.array([1, 1, 0.5, 1], np.float32), v.copy(), M.copy())
+    arena, head = head_arena(2, 2, 2)
+    head["hp"][:] = (1, 1, 0.5, 1)
+    head["st"][1] = 1
+    _ff_head_step(M, M.copy(), 0, arena)
     if hidden:   # only then: each kernel costs a compile on a cold cache
         rows = np.zeros(2, np.int64)
         _ff_hidden_step(M, M, 1, M.copy(), v.copy(), one, v.copy(), rows, v.copy())

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from edge_spl.device.kernels import (RMS_EPS, SD_FLOOR, _ema_standardize, _ff_head_step, _ff_hidden_step, _ff_update,
                                     _ff_update_pair, _ff_update_rms, _top_rows, ema_standardize,
-                                    ff_update, ff_update_batch, ff_update_rms, ff_update_rms_batch, replay_picks,
-                                    var_floor)
+                                    ff_update, ff_update_batch, ff_update_rms, ff_update_rms_batch, head_arena,
+                                    replay_picks, var_floor)
 from edge_spl.spl import Z_CLIP, standardize
 
 f32 = np.float32
@@ -302,34 +302,130 @@ def head_step_twin(h, G, label, P, g, vP, vg, U, Y, st, lr, lr_gate, decay, repl
     return P, g, vP, vg, U, Y, counts, (steps, stored, rng)
 
 
-@pytest.mark.parametrize("decay,replay,stored", [(0.99, 16, 40), (0.99, 16, 3), (0.99, 5, 0), (0.0, 7, 40),
-                                                 (0.5, 0, 9)])
-def test_ff_head_step_matches_numpy(decay, replay, stored):
-    """The fused head kernel (own step, replay with in-kernel picks, ring store) against the
-    float64 twin, over 30 labelled samples. float32 arithmetic and an rsqrt with a Newton step:
-    within 2e-4 relative."""
+@pytest.mark.parametrize("decay,replay,stored,d", [(0.99, 16, 40, 37), (0.99, 16, 3, 37), (0.99, 5, 0, 37),
+                                                   (0.0, 7, 40, 37), (0.5, 0, 9, 37), (0.99, 16, 40, 80),
+                                                   (0.0, 3, 40, 80)])
+def test_ff_head_step_matches_numpy(decay, replay, stored, d):
+    """The fused head kernel (own step, replay with in-kernel picks, ring store) on its arena
+    against the float64 twin, over 30 labelled samples. float32 arithmetic and an rsqrt with a
+    Newton step: within 2e-4 relative. d = 80: the vector loop and its remainder."""
     rng = np.random.default_rng(11)
-    C, d, S = 5, 37, 8
-    P, g = rng.standard_normal((C, d)).astype(f32), rng.standard_normal(C).astype(f32)
-    vP, vg = np.zeros((C, d), f32), np.zeros(C, f32)
-    U, Y = rng.standard_normal((S, d)).astype(f32), rng.integers(0, C, S)
-    counts, work = np.zeros(C, f32), np.zeros((2, C), f32)
-    st = np.array([3, stored, -5], np.int64)          # a stream state past 2**63 (as int64 bits)
-    want = [P, g, vP, vg, U, Y, counts, (3, stored, -5)]
-    hp = np.array([0.03, 0.2, decay, replay], f32)
+    C, S = 5, 8
+    arena, v = head_arena(C, d, S)
+    P, g, vP, vg, U, Y, counts, st = (v[k] for k in ("P", "g", "vP", "vg", "U", "Y", "counts", "st"))
+    P[...] = rng.standard_normal((C, d))
+    g[...] = rng.standard_normal(C)
+    U[...] = rng.standard_normal((S, d))
+    Y[...] = rng.integers(0, C, S)
+    st[...] = (3, stored, -5)                        # a stream state past 2**63 (as int64 bits)
+    v["hp"][...] = (0.03, 0.2, decay, replay)
+    want = [P.copy(), g.copy(), vP.copy(), vg.copy(), U.copy(), Y.copy(), counts.copy(), (3, stored, -5)]
     for _ in range(30):
         h = rng.standard_normal(d).astype(f32)
         label = int(rng.integers(C))
         G = (h @ P.T / np.sqrt(d) - g).astype(f32)
         wP, wg, wvP, wvg, wU, wY, wc, wst = want
         want = head_step_twin(h, G, label, wP, wg, wvP, wvg, wU, wY, wst, 0.03, 0.2, decay, replay, wc)
-        _ff_head_step(h[None], G[None], label, P, g, vP, vg, U, Y, st, hp, counts, work)
+        _ff_head_step(h[None], G[None], label, arena)
     for got, w in zip((P, g, vP, vg, U, counts), (*want[:5], want[6])):
         np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-5)
     np.testing.assert_array_equal(Y, want[5])
     steps, n, state = want[7]
     assert (int(st[0]), int(st[1]), int(st[2]) % (1 << 64)) == (steps, n, state)
     assert np.all(counts == 30)                        # replayed steps add no count
+
+
+def test_ff_head_step_bias_correction_after_many_steps():
+    """Past ~4,000 steps decay**n is below 2**-54 and the kernel skips its pow: corr is 1 either
+    way, so a step is the same as the twin's (and a learner's state file restores the count)."""
+    rng = np.random.default_rng(5)
+    C, d, S = 4, 24, 4
+    for steps in (4000, 4200, 10**7):
+        arena, v = head_arena(C, d, S)
+        v["P"][...] = rng.standard_normal((C, d))
+        v["vP"][...] = rng.random((C, d)) * 1e-3
+        v["vg"][...] = rng.random(C) * 1e-3
+        v["st"][...] = (steps, 0, 0)
+        v["hp"][...] = (0.03, 0.2, 0.99, 0)
+        h = rng.standard_normal(d).astype(f32)
+        G = (h @ v["P"].T / np.sqrt(d) - v["g"]).astype(f32)
+        wP, wg, wvP, wvg, *_ = head_step_twin(h, G, 1, v["P"], v["g"], v["vP"], v["vg"], v["U"], v["Y"],
+                                              v["st"], 0.03, 0.2, 0.99, 0, v["counts"])
+        _ff_head_step(h[None], G[None], 1, arena)
+        for got, w in zip((v["P"], v["g"], v["vP"], v["vg"]), (wP, wg, wvP, wvg)):
+            np.testing.assert_allclose(got, w, rtol=2e-4, atol=2e-5)
+        assert int(v["st"][0]) == steps + 1
+
+
+def test_head_arena_is_aligned_and_its_parts_do_not_overlap():
+    arena, v = head_arena(6, 384, 32)
+    assert arena.ctypes.data % 64 == 0 and arena.dtype == np.uint8 and arena.flags.c_contiguous
+    parts = [(k, a) for k, a in v.items() if k not in ("st", "U")]
+    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes, k) for k, a in parts)
+    for (s0, e0, k0), (s1, _, k1) in zip(spans, spans[1:]):
+        assert e0 <= s1, (k0, k1)
+    for k, a in parts:
+        assert a.flags.c_contiguous and a.ctypes.data % 64 == 0 and np.shares_memory(a, arena), k
+    assert v["U"].shape == (32, 384) and np.shares_memory(v["U"], v["X"])
+    assert v["P"].dtype == f32 and v["Y"].dtype == np.int64 and v["st"].shape == (3,)
+    # the kernel checks the sample's buffers against the arena's shape before it indexes raw memory
+    with pytest.raises(ValueError, match="head arena"):
+        _ff_head_step(np.zeros((1, 383), f32), np.zeros((1, 6), f32), 0, arena)
+    with pytest.raises(ValueError, match="head arena"):
+        _ff_head_step(np.zeros((1, 384), f32), np.zeros((1, 5), f32), 0, arena)
+
+
+def test_the_learners_head_arrays_stay_the_kernels_arena(tmp_path):
+    """The learner's head arrays are views into the head kernel's arena, so what the kernel
+    learns is what onnxruntime, the deltas and the state file see, through every path that
+    writes them: a delta, an adopted release, a state restore and a pickle round trip."""
+    import pickle
+
+    from conftest import make_model
+
+    from edge_spl.device.learner import FFLearner
+    from edge_spl.device.state import load_state, save_state
+    from edge_spl.export.onnx_export import export_model
+    from edge_spl.protocol import Release
+
+    exported = export_model(make_model((8, 16, 16, 3)))
+    exported.manifest.onnx_sha256 = "a" * 64
+    rng = np.random.default_rng(0)
+
+    def head_views(L):
+        P, g = L.protos_[-1]
+        return (P, g, L.vP_, L.vg_, L.replay_u_, L.replay_y_, L.counts_[-1], L.head_state_)
+
+    def check(L):
+        for a in head_views(L):
+            assert np.shares_memory(a, L._arena)
+        P, g = L.protos_[-1]
+        before = P.copy()
+        x = rng.standard_normal(8).astype(f32)
+        L.step(x, 1)      # the kernel's update is seen through the learner's arrays ...
+        assert not np.array_equal(P, before)
+        out = L.onnx.run(L._z[:1], L.protos_)   # ... and by onnxruntime
+        h = out["h2"][0]
+        np.testing.assert_allclose(out["logits"][0], h @ P.T / np.sqrt(P.shape[1]) - g, rtol=1e-4, atol=1e-4)
+
+    L = FFLearner(exported, device_id="dev1")
+    for _ in range(20):
+        L.step(rng.standard_normal(8).astype(f32), int(rng.integers(3)))
+    check(L)
+    assert L.make_delta() is not None
+    check(L)
+    assert L.adopt_release(Release(1, L.manifest.onnx_sha256, [(P + 0.01, g.copy()) for P, g in L.protos_], {}))
+    check(L)
+    save_state(L, str(tmp_path))
+    L2 = FFLearner(exported, device_id="dev1")
+    assert load_state(L2, str(tmp_path))
+    for a, b in zip(head_views(L), head_views(L2)):
+        np.testing.assert_array_equal(a, b)
+    check(L2)
+    L3 = pickle.loads(pickle.dumps(L2))
+    for a, b in zip(head_views(L2), head_views(L3)):
+        np.testing.assert_array_equal(a, b)
+    check(L3)
 
 
 def test_ff_update_rms_first_step_moves_each_touched_parameter_by_about_lr():
