@@ -106,3 +106,8 @@ def test_edge_spl_compile_builds_and_checks(built, tmp_path, capsys):
     assert main(["compile", "--dir", str(tmp_path / "new")]) == 0
     out = capsys.readouterr().out
     assert "built" in out and os.path.isfile(aot.module_path(str(tmp_path / "new")))
+    # current already: a quick no-op (a service runs it before every start), unless --force
+    assert main(["compile", "--dir", str(tmp_path / "new")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(["compile", "--dir", str(tmp_path / "new"), "--force"]) == 0
+    assert "built" in capsys.readouterr().out

@@ -244,6 +244,9 @@ def build_parser(with_rollback: bool = True) -> argparse.ArgumentParser:
                    help="where to keep the module (default $EDGE_SPL_KERNEL_DIR, else ~/.cache/edge-spl/kernels); "
                         "the device looks there too")
     c.add_argument("--check", action="store_true", help="only say whether a current module is there (exit 1 if not)")
+    c.add_argument("--force", action="store_true",
+                   help="build even when a current module is there (by default that is a quick no-op, so "
+                        "a service can run `edge-spl compile` before every start)")
 
     s = sub.add_parser("server", help="merge device deltas and publish prototype versions (needs [server])",
                        usage="edge-spl server --broker HOST:PORT --model MODEL_DIR --state DIR [options]\n"

@@ -15,6 +15,9 @@ def run(args) -> int:
         there = aot.load(args.dir) is not None
         print(f"{path}: {'present, the device runs it' if there else 'missing: the device runs the kernels on numba JIT'}")
         return 0 if there else 1
+    if not args.force and aot.load(args.dir) is not None:
+        print(f"{path} is current: nothing to do (--force builds it again)")
+        return 0
     t0 = time.perf_counter()
     try:
         path = aot.build(args.dir)
