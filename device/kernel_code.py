@@ -403,6 +403,31 @@ def _ff_hidden_step(h, G, k, P, g, lr, counts, rows, work):
     return n
 
 
+@kernel()
+def _batch_grad(H, G, T, j, scale, inv_sqrt, acc):
+    """Unit j's FF gradient summed over a mini-batch, for the two batch kernels: acc (float64)
+    gets sum_s c_sj H[s] with e_sj = scale * (sigmoid(G[s, j]) - T[s, j]), c = e / sqrt(d_in),
+    over the samples with T[s, j] >= 0. Returns (their number, sum_s e_sj)."""
+    n = 0
+    esum = 0.0
+    for s in range(H.shape[0]):
+        t = T[s, j]
+        if t < 0.0:
+            continue
+        e = scale * (1.0 / (1.0 + math.exp(-G[s, j])) - t)
+        c = e * inv_sqrt
+        Hs = H[s]
+        if n == 0:
+            for k in range(acc.shape[0]):
+                acc[k] = c * Hs[k]
+        else:
+            for k in range(acc.shape[0]):
+                acc[k] += c * Hs[k]
+        esum += e
+        n += 1
+    return n, esum
+
+
 @kernel("void(f4[:, ::1], f4[:, ::1], f4[:, ::1], f4[:, ::1], f4[::1], f4, f4[::1])")
 def _ff_update_batch(H, G, T, P, g, lr, counts):
     """Mini-batch FF step: the FF gradients of B samples (rows of H, G, T, routing from one
@@ -412,23 +437,7 @@ def _ff_update_batch(H, G, T, P, g, lr, counts):
     inv_sqrt = 1.0 / math.sqrt(P.shape[1])
     acc = np.empty(P.shape[1], np.float64)
     for j in range(P.shape[0]):
-        n = 0
-        esum = 0.0
-        for s in range(H.shape[0]):
-            t = T[s, j]
-            if t < 0.0:
-                continue
-            e = lr * (1.0 / (1.0 + math.exp(-G[s, j])) - t)
-            c = e * inv_sqrt
-            Hs = H[s]
-            if n == 0:
-                for k in range(acc.shape[0]):
-                    acc[k] = c * Hs[k]
-            else:
-                for k in range(acc.shape[0]):
-                    acc[k] += c * Hs[k]
-            esum += e
-            n += 1
+        n, esum = _batch_grad(H, G, T, j, lr, inv_sqrt, acc)
         if n == 0:
             continue
         Pj = P[j]
@@ -446,23 +455,7 @@ def _ff_update_rms_batch(H, G, T, P, g, vP, vg, lr, lr_gate, decay, corr, counts
     keep = 1.0 - decay
     acc = np.empty(P.shape[1], np.float64)
     for j in range(P.shape[0]):
-        n = 0
-        esum = 0.0
-        for s in range(H.shape[0]):
-            t = T[s, j]
-            if t < 0.0:
-                continue
-            e = 1.0 / (1.0 + math.exp(-G[s, j])) - t
-            c = e * inv_sqrt
-            Hs = H[s]
-            if n == 0:
-                for k in range(acc.shape[0]):
-                    acc[k] = c * Hs[k]
-            else:
-                for k in range(acc.shape[0]):
-                    acc[k] += c * Hs[k]
-            esum += e
-            n += 1
+        n, esum = _batch_grad(H, G, T, j, 1.0, inv_sqrt, acc)
         if n == 0:
             continue
         Pj = P[j]

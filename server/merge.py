@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_spl.protocol import TRANSIENT_REJECTIONS, LayerDelta, PrototypeDelta
+from edge_spl.protocol import LayerDelta, PrototypeDelta
 
 STALE_LAG = 8
 # A per-row step this large is not learning, it is a bug or an attack: the delta is refused.
@@ -32,9 +32,6 @@ DEFAULT_MAX_ROW_NORM = 1e3
 DEFAULT_CLIP_NORM = 100.0
 DEFAULT_MAX_COUNT = 10_000.0
 MERGE_RULES = ("mean", "trimmed", "median")
-# Rejections that say nothing against the delta itself (edge_spl.protocol); every other one is for
-# good (server.store.refuse).
-NOT_FOR_GOOD = TRANSIENT_REJECTIONS
 TRIM = 0.2    # the trimmed mean drops this fraction of the values at each end
 
 

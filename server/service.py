@@ -22,7 +22,8 @@ from edge_spl.errors import EdgeSplError, ModelError, ProtocolError
 from edge_spl.files import atomic_write_bytes, lock_folder
 from edge_spl.manifest import ExportedModel
 from edge_spl.mqtt_auth import MqttAuth, connect_error, refusal
-from edge_spl.protocol import DEFAULT_MAX_PAYLOAD, Signer, Topics, ack_payload, decode_delta, payload_limit
+from edge_spl.protocol import (DEFAULT_MAX_PAYLOAD, TRANSIENT_REJECTIONS, Signer, Topics, ack_payload,
+                               decode_delta, payload_limit)
 
 from . import merge
 from .releases import history_of, release_payload
@@ -343,7 +344,7 @@ class Server:
             accepted.append(d)
 
         refused = [(dev, seq, reason) for dev, seq, reason, _ in rejections
-                   if dev is not None and seq >= 1 and reason not in merge.NOT_FOR_GOOD]
+                   if dev is not None and seq >= 1 and reason not in TRANSIENT_REJECTIONS]
         try:
             self.store.refuse(refused)
         except Exception:   # only the marks wait: the devices resend, and are refused again
