@@ -4,9 +4,10 @@ ONNX contract (opset OPSET), all float32:
     inputs   x [N, d_in] (standardised, clipped), and for every layer i: P{i} [d_out, d_in], g{i} [d_out]
     outputs  logits [N, n_classes];
              h{i} [N, d_in of layer i] for i >= 1 (the input each later layer sees; h0 is x;
-                  the head's is [x, last hidden output]);
+                  the head's is [x, last hidden output], times the head's whitening T when the
+                  model has one: T is an initializer, and P of the head is in its coordinates);
              r{i} [N, d_out] routing of each hidden layer i (the head's routing is the logits)
-W and b are baked in as initializers; P and g are fed on every call so the device's adapted
+W, b and T are baked in as initializers; P and g are fed on every call so the device's adapted
 arrays take effect at once, with no re-export and no session rebuild.
 """
 from __future__ import annotations

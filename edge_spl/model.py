@@ -13,9 +13,10 @@ import numpy as np
 
 from .errors import ModelError
 from .files import atomic_write_bytes, pack_arrays, sha256_file, unpack_arrays
-from .spl import forward, layer_dims, standardize
+from .spl import WHITEN_SHRINK, forward, head_whitening, layer_dims, standardize
 
-FORMAT = 2   # 2: the head sees [z, h] (edge_spl.spl)
+FORMAT = 3   # 2: the head sees [z, h]; 3: and may whiten it with T (edge_spl.spl)
+READS = (2, 3)
 STATE_FILE = "model.npz"
 META_FILE = "model.json"
 
@@ -23,7 +24,7 @@ META_FILE = "model.json"
 @dataclass
 class ModelState:
     """A trained SPL model. `layers[:-1]` are hidden SPL layers (W, b, P, g), `layers[-1]` is the
-    prototype head (P, g). All arrays float32, C-contiguous."""
+    prototype head (P, g, and T when it whitens its input). All arrays float32, C-contiguous."""
 
     layers: list[dict[str, np.ndarray]]
     mean: np.ndarray
@@ -58,6 +59,8 @@ class ModelState:
         for i, L in enumerate(self.layers):
             head = i == len(self.layers) - 1
             want = {"P", "g"} if head else {"W", "b", "P", "g"}
+            if head and "T" in L and len(self.layers) > 1:
+                want.add("T")   # whitening needs the head's input as a graph output: hidden layers
             if set(L) != want:
                 raise ModelError(f"layer {i} has arrays {sorted(L)}, expected {sorted(want)}")
             d_out, d_takes = L["P"].shape
@@ -66,7 +69,8 @@ class ModelState:
             if d_takes != d:
                 raise ModelError(f"layer {i} takes {d_takes} inputs, expected {d}")
             d_in_layer = d_takes
-            shapes = {"P": (d_out, d_in_layer), "g": (d_out,), "W": (d_out, d_in_layer), "b": (d_out,)}
+            shapes = {"P": (d_out, d_in_layer), "g": (d_out,), "W": (d_out, d_in_layer), "b": (d_out,),
+                      "T": (d_in_layer, d_in_layer)}
             for k, a in L.items():
                 if a.shape != shapes[k]:
                     raise ModelError(f"layer {i} {k} has shape {a.shape}, expected {shapes[k]}")
@@ -86,6 +90,22 @@ class ModelState:
             L["P"], L["g"] = P, g
         return ModelState(layers, self.mean, self.std, self.class_names, self.feature_names,
                           self.model_id, self.version, dict(self.info))
+
+    def with_whitened_head(self, z: np.ndarray, y: np.ndarray, shrink: float = WHITEN_SHRINK) -> "ModelState":
+        """The same function with a whitened head (edge_spl.spl): T from the head's inputs on the
+        standardised training rows z with labels y, and the head's P re-expressed in T's
+        coordinates (P A^(1/2)), so every logit stays as it was up to float32 rounding. A head
+        that already whitens is whitened again on top. Needs hidden layers."""
+        if len(self.layers) < 2:
+            raise ModelError("a head without hidden layers reads x directly and cannot whiten")
+        _, hs, _ = forward(self.layers, z)
+        T, T_inv = head_whitening(hs[-1], y, shrink)
+        head = dict(self.layers[-1])
+        old = head.get("T")
+        head["P"] = (head["P"].astype(np.float64) @ T_inv).astype(np.float32)
+        head["T"] = (T if old is None else old.astype(np.float64) @ T).astype(np.float32)
+        return ModelState(self.layers[:-1] + [head], self.mean, self.std, self.class_names,
+                          self.feature_names, self.model_id, self.version, dict(self.info))
 
     def predict_logits(self, x_raw: np.ndarray) -> np.ndarray:
         """Raw feature rows in, logits out (numpy reference path)."""
@@ -127,8 +147,9 @@ class ModelState:
                 meta = json.load(f)
             if not isinstance(meta, dict):
                 raise ModelError(f"{meta_path}: not a JSON object")
-            if meta.get("format") != FORMAT:
-                raise ModelError(f"{meta_path}: format {meta.get('format')!r}, this edge-spl reads {FORMAT}")
+            if meta.get("format") not in READS:
+                raise ModelError(f"{meta_path}: format {meta.get('format')!r}, this edge-spl reads "
+                                 f"{' and '.join(map(str, READS))}")
             if sha256_file(state_path) != meta["sha256"]:
                 raise ModelError(f"{state_path} does not match the sha256 in {META_FILE} (corrupt or replaced)")
             with open(state_path, "rb") as f:
@@ -142,6 +163,8 @@ class ModelState:
             layers = []
             for i in range(n_layers):
                 keys = ("P", "g") if i == n_layers - 1 else ("W", "b", "P", "g")
+                if i == n_layers - 1 and f"T{i}" in arrays:
+                    keys += ("T",)
                 layers.append({k: arrays[f"{k}{i}"] for k in keys})
             return cls(layers, arrays["mean"], arrays["std"], list(meta["class_names"]),
                        list(meta["feature_names"]), meta.get("model_id", "model"),

@@ -61,9 +61,14 @@ def build_onnx(state: ModelState) -> bytes:
             ]
         else:
             nodes.append(helper.make_node("Mul", [f"a{i}", f"mask{i}"], [out]))
-        if last_hidden:   # the head sees [x, h] (skip connection)
-            nodes.append(helper.make_node("Concat", ["x", out], [f"h{i + 1}"], axis=1))
-            out = f"h{i + 1}"
+        if last_hidden:   # the head sees [x, h] (skip connection), whitened by T when it has one
+            head_in = f"h{i + 1}"
+            if "T" in state.layers[-1]:
+                nodes += [helper.make_node("Concat", ["x", out], ["u"], axis=1),
+                          helper.make_node("MatMul", ["u", const("T", state.layers[-1]["T"])], [head_in])]
+            else:
+                nodes.append(helper.make_node("Concat", ["x", out], [head_in], axis=1))
+            out = head_in
         h = out
 
     def vi(name, shape):

@@ -21,7 +21,7 @@ from edge_spl.data import GAS_FEATURES, OCCUPANCY_FEATURES, Dataset
 from edge_spl.errors import DataError, ModelError
 from edge_spl.model import ModelState, init_model
 from edge_spl.protocol import DEFAULT_MAX_PAYLOAD
-from edge_spl.spl import forward, layer_dims, standardize
+from edge_spl.spl import WHITEN_SHRINK, forward, layer_dims, standardize
 
 from .spl_torch import SPLModel, mask_oracle
 
@@ -52,8 +52,10 @@ def check_hidden(hidden) -> list[int]:
 def check_fits_the_wire(sizes: list[int]) -> None:
     """Refuse, before allocating anything, a model whose prototypes (one release) or ONNX file
     would not fit in one MQTT payload: the server could never publish it."""
-    weights = [o * i + o for i, o in layer_dims(sizes)]   # P, g (and W, b) per layer
-    biggest = 4 * max(sum(weights), sum(weights[:-1]))
+    dims = layer_dims(sizes)
+    weights = [o * i + o for i, o in dims]   # P, g (and W, b) per layer
+    whitening = dims[-1][0] ** 2 if len(dims) > 1 else 0   # the head's T, in the ONNX file
+    biggest = 4 * max(sum(weights), sum(weights[:-1]) + whitening)
     if biggest > DEFAULT_MAX_PAYLOAD * 0.9:
         raise ModelError(f"a {'-'.join(map(str, sizes))} model has {biggest / 1e6:.0f} MB of prototypes or "
                          f"weights, over the {DEFAULT_MAX_PAYLOAD / 1e6:.0f} MB MQTT payload it must fit "
@@ -133,13 +135,16 @@ def pretrain(dataset: Dataset, hidden=(256, 256), epochs: int = 60, holdout: flo
              seed: int = 0, progress: bool | Callable[[int, dict], None] | None = None, *,
              lr: float = 3e-3, batch_size: int | None = None, meta_weight: float = 1.0,
              tau: float = 1.0, rho: float = 0.25, fraction_weight: float = 10.0,
-             settle: float = 0.2, model_id: str | None = None) -> tuple[ModelState, dict]:
+             settle: float = 0.2, model_id: str | None = None,
+             whiten: float | None = WHITEN_SHRINK) -> tuple[ModelState, dict]:
     """Train an SPL model on `dataset`. Returns (state, report).
 
     `progress=True` shows a tqdm bar on stderr; a callable `progress(epoch, stats)` is called
     after every epoch instead (epoch from 1; stats: mean "ce" and "meta", meta None while
     settling). The last `settle` share of the epochs keeps routing fixed, so W, b and the head
-    fit the masks that get exported."""
+    fit the masks that get exported. `whiten`: after training, whiten the head's input with this
+    shrinkage (ModelState.with_whitened_head; None: do not) -- the same function, in coordinates
+    the device's head step learns far better in."""
     t0 = time.perf_counter()
     widths = check_hidden(hidden)
     if int(epochs) < 1:
@@ -213,6 +218,10 @@ def pretrain(dataset: Dataset, hidden=(256, 256), epochs: int = 60, holdout: flo
         if bar is not None:
             bar.close()
 
+    if whiten is not None:
+        if not 0.0 < whiten <= 1.0:
+            raise ModelError(f"whiten {whiten}: expected a shrinkage in (0, 1], or None")
+        state = state.with_whitened_head(z_tr, y_tr, whiten)
     z_all = np.concatenate([z_tr, z_te])
     report = {
         "model_id": state.model_id,
@@ -226,8 +235,9 @@ def pretrain(dataset: Dataset, hidden=(256, 256), epochs: int = 60, holdout: flo
         "seed": int(seed),
         "final_ce": ce_sum / len(zt),
         "final_meta": last_meta,   # of the last epoch that trained routing
+        "whiten": whiten,
         "seconds": time.perf_counter() - t0,
     }
     state.info = {"trained_on": dataset.source, **{k: report[k] for k in (
-        "n_train", "n_heldout", "train_acc", "heldout_acc", "active", "epochs", "seed")}}
+        "n_train", "n_heldout", "train_acc", "heldout_acc", "active", "epochs", "seed", "whiten")}}
     return state, report

@@ -55,14 +55,20 @@ class SPLLayer(nn.Module):
 
 
 class SPLHead(nn.Module):
-    """Prototype head: logits = x P^T / sqrt(d_in) - g."""
+    """Prototype head: logits = x P^T / sqrt(d_in) - g, on x = its input times T when it whitens
+    (T a fixed buffer, never trained)."""
 
-    def __init__(self, P, g):
+    def __init__(self, P, g, T=None):
         super().__init__()
         self.P, self.g = _param(P), _param(g)
         self.inv_sqrt = 1.0 / math.sqrt(self.P.shape[1])
+        self.register_buffer("T", None if T is None else torch.tensor(np.asarray(T, np.float32)))
+
+    def whiten(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.T is None else x @ self.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: the head's input as `whiten` returns it."""
         return (x @ self.P.T) * self.inv_sqrt - self.g
 
 
@@ -92,6 +98,7 @@ class SPLModel(nn.Module):
             masks.append(m)
         if self.hidden:   # the head sees [z, h] (skip connection, edge_spl.spl)
             h = torch.cat([z, h], dim=-1)
+        h = self.head.whiten(h)
         hs.append(h)
         return Trace(self.head(h), hs, rs, masks)
 
@@ -113,7 +120,7 @@ class SPLModel(nn.Module):
     @classmethod
     def from_state(cls, state: ModelState) -> "SPLModel":
         hidden = [SPLLayer(L["W"], L["b"], L["P"], L["g"]) for L in state.layers[:-1]]
-        head = SPLHead(state.layers[-1]["P"], state.layers[-1]["g"])
+        head = SPLHead(state.layers[-1]["P"], state.layers[-1]["g"], state.layers[-1].get("T"))
         return cls(hidden, head)
 
     def layer_arrays(self) -> list[dict[str, np.ndarray]]:
@@ -121,6 +128,8 @@ class SPLModel(nn.Module):
             return p.detach().cpu().numpy().astype(np.float32, copy=True)
         layers = [{"W": a(L.W), "b": a(L.b), "P": a(L.P), "g": a(L.g)} for L in self.hidden]
         layers.append({"P": a(self.head.P), "g": a(self.head.g)})
+        if self.head.T is not None:
+            layers[-1]["T"] = a(self.head.T)
         return layers
 
     def to_state(self, template: ModelState | None = None, **meta) -> ModelState:

@@ -17,7 +17,7 @@ from edge_spl.data import (GAS_CLASSES, GAS_FEATURES, OCCUPANCY_FEATURES, iter_s
 from edge_spl.errors import DataError, ModelError, ProtocolError
 from edge_spl.manifest import ExportedModel, Manifest
 from edge_spl.model import ModelState
-from edge_spl.spl import forward, spl_forward, standardize
+from edge_spl.spl import forward, head_whitening, spl_forward, standardize
 
 
 # -- SPL math --------------------------------------------------------------------------------
@@ -46,6 +46,89 @@ def test_forward_returns_layer_inputs_and_routings():
     head = state.layers[-1]
     np.testing.assert_allclose(logits, hs[-1] @ head["P"].T / np.sqrt(24) - head["g"], rtol=1e-5, atol=1e-6)
     assert rs[-1] is logits
+
+
+def test_head_whitening_is_the_shrunk_within_class_inverse_square_root():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 500)
+    U = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6)) * [1, 2, 3, 4, 50, 1e-3] + 5.0 * y[:, None]
+    T, T_inv = head_whitening(U, y, shrink=1e-3)
+    np.testing.assert_allclose(T, T.T, atol=1e-9)
+    np.testing.assert_allclose(T @ T_inv, np.eye(6), atol=1e-8)
+    D = U - np.array([U[y == c].mean(0) for c in range(3)])[y]
+    S = D.T @ D / len(U)
+    A = (1 - 1e-3) * S + 1e-3 * np.trace(S) / 6 * np.eye(6)
+    np.testing.assert_allclose(T_inv @ T_inv, A, rtol=1e-8, atol=1e-10)
+    # the class means move it not at all: only the spread within classes counts
+    T2, _ = head_whitening(U + 100.0 * (y == 1)[:, None], y, shrink=1e-3)
+    np.testing.assert_allclose(T2, T, rtol=1e-9)
+    # no spread at all: the identity
+    T0, T0_inv = head_whitening(np.tile(np.arange(6.0), (4, 1)), np.array([0, 0, 1, 1]))
+    assert np.array_equal(T0, np.eye(6)) and np.array_equal(T0_inv, np.eye(6))
+    with pytest.raises(ValueError):
+        head_whitening(U, y, shrink=0.0)
+    with pytest.raises(ValueError):
+        head_whitening(U, y[:10])
+
+
+def test_a_whitened_head_keeps_the_model_and_its_files():
+    state = make_model()
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((200, 8)).astype(np.float32)
+    white = state.with_whitened_head(z, rng.integers(0, 3, 200))
+    head = white.layers[-1]
+    assert head["T"].shape == (24, 24) and head["T"].dtype == np.float32
+    x = rng.standard_normal((30, 8)) * 2
+    np.testing.assert_allclose(white.predict_logits(x), state.predict_logits(x), rtol=1e-4, atol=1e-4)
+    _, hs, _ = forward(white.layers, z)
+    _, hs0, _ = forward(state.layers, z)
+    np.testing.assert_allclose(hs[-1], hs0[-1] @ head["T"], rtol=1e-5, atol=1e-5)
+    assert white.prototypes()[-1][0].shape == (3, 24)   # P, g only: T is part of the graph
+    # new prototypes keep the whitening
+    assert "T" in white.with_prototypes(white.prototypes()).layers[-1]
+
+
+def test_model_files_keep_the_whitening_and_format_2_still_loads(tmp_path):
+    import json
+
+    state = make_model()
+    white = state.with_whitened_head(np.random.default_rng(5).standard_normal((100, 8)).astype(np.float32),
+                                     np.arange(100) % 3)
+    white.save(tmp_path / "w")
+    back = ModelState.load(tmp_path / "w")
+    np.testing.assert_array_equal(back.layers[-1]["T"], white.layers[-1]["T"])
+    assert json.loads((tmp_path / "w" / "model.json").read_text())["format"] == 3
+    # a format 2 model (no T, written by an earlier edge-spl) reads as it always did
+    state.save(tmp_path / "old")
+    meta_path = tmp_path / "old" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = 2
+    meta_path.write_text(json.dumps(meta))
+    old = ModelState.load(tmp_path / "old")
+    assert "T" not in old.layers[-1]
+    x = np.random.default_rng(6).standard_normal((5, 8))
+    np.testing.assert_array_equal(old.predict_logits(x), state.predict_logits(x))
+    meta["format"] = 4
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="format 4"):
+        ModelState.load(tmp_path / "old")
+
+
+def test_whitening_shapes_are_checked():
+    state = make_model()
+    layers = [dict(L) for L in state.layers]
+    layers[-1]["T"] = np.eye(23, dtype=np.float32)
+    with pytest.raises(ModelError, match="layer 2 T"):
+        ModelState(layers, state.mean, state.std, state.class_names, state.feature_names)
+    layers[-1]["T"] = np.full((24, 24), np.nan, np.float32)
+    with pytest.raises(ModelError, match="non-finite"):
+        ModelState(layers, state.mean, state.std, state.class_names, state.feature_names)
+    flat = make_model((8, 3))
+    with pytest.raises(ModelError, match="cannot whiten"):
+        flat.with_whitened_head(np.zeros((6, 8), np.float32), np.arange(6) % 3)
+    layers = [dict(flat.layers[0], T=np.eye(8, dtype=np.float32))]
+    with pytest.raises(ModelError, match="expected"):
+        ModelState(layers, flat.mean, flat.std, flat.class_names, flat.feature_names)
 
 
 def test_standardize_clips_extreme_outliers():

@@ -25,13 +25,14 @@ from edge_spl.export.pretrain import pretrain, split_stratified, standardisation
 from edge_spl.export.spl_torch import SPLModel, mask_oracle
 from edge_spl.manifest import ExportedModel, input_names, output_names
 from edge_spl.model import ModelState, init_model
-from edge_spl.spl import Z_CLIP, forward
+from edge_spl.spl import Z_CLIP, forward, standardize
 
 SWITCH_EPS = 1e-4
 
 
-def random_state(sizes, seed, gate_scale):
-    """A random model with gates spread by gate_scale (0: all at 0; large: mostly on or off)."""
+def random_state(sizes, seed, gate_scale, whiten=False):
+    """A random model with gates spread by gate_scale (0: all at 0; large: mostly on or off);
+    `whiten`: with a head whitened on random inputs and labels (ModelState.with_whitened_head)."""
     rng = np.random.default_rng(seed)
     d = sizes[0]
     state = init_model(list(sizes), rng.standard_normal(d), rng.uniform(0.5, 2.0, d),
@@ -40,6 +41,9 @@ def random_state(sizes, seed, gate_scale):
         L["g"][:] = rng.standard_normal(L["g"].shape) * gate_scale
         if "b" in L:
             L["b"][:] = rng.standard_normal(L["b"].shape) * 0.5
+    if whiten:
+        state = state.with_whitened_head(inputs(d, n=400, seed=seed + 100),
+                                         rng.integers(0, sizes[-1], 400), 1e-3)
     return state
 
 
@@ -71,8 +75,11 @@ def run_onnx(onnx_bytes, z, protos):
 
 @pytest.mark.parametrize("sizes", [(8, 16, 16, 3), (5, 12, 7, 4), (6, 6, 2), (10, 10, 10, 10, 3)])
 @pytest.mark.parametrize("gate_scale", [0.0, 0.3, 2.0])
-def test_torch_forward_matches_numpy_reference(sizes, gate_scale):
-    state = random_state(sizes, seed=len(sizes) * 7 + int(gate_scale * 10), gate_scale=gate_scale)
+@pytest.mark.parametrize("whiten", [False, True])
+def test_torch_forward_matches_numpy_reference(sizes, gate_scale, whiten):
+    state = random_state(sizes, seed=len(sizes) * 7 + int(gate_scale * 10), gate_scale=gate_scale,
+                         whiten=whiten)
+    assert ("T" in state.layers[-1]) == whiten
     z = inputs(sizes[0])
     logits, hs, rs = forward(state.layers, z)
     tr = torch_trace(state, z)
@@ -100,8 +107,9 @@ def test_pass_through_keeps_input_of_switched_off_units():
 # -- ONNX vs torch -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sizes", [(8, 16, 16, 3), (5, 12, 7, 4)])
-def test_onnx_matches_torch_and_prototypes_are_live_inputs(sizes):
-    state = random_state(sizes, seed=11, gate_scale=0.3)
+@pytest.mark.parametrize("whiten", [False, True])
+def test_onnx_matches_torch_and_prototypes_are_live_inputs(sizes, whiten):
+    state = random_state(sizes, seed=11, gate_scale=0.3, whiten=whiten)
     exported = export_model(state)
     z = inputs(sizes[0], n=300)
 
@@ -111,6 +119,9 @@ def test_onnx_matches_torch_and_prototypes_are_live_inputs(sizes):
     np.testing.assert_allclose(got["logits"][keep], tr.logits.numpy()[keep], rtol=1e-4, atol=1e-4)
     for i, r in enumerate(tr.rs):
         np.testing.assert_allclose(got[f"r{i}"], r.numpy(), rtol=1e-4, atol=1e-4)
+    # the head's input output is what the head reads: whitened when the model whitens
+    head_in = f"h{len(sizes) - 2}"
+    np.testing.assert_allclose(got[head_in][keep], tr.hs[-1].numpy()[keep], rtol=1e-4, atol=1e-4)
 
     # new P, g fed as inputs change the output, and torch holding the same P, g agrees
     rng = np.random.default_rng(5)
@@ -136,8 +147,9 @@ def test_export_check_catches_a_wrong_graph():
 
 # -- conversions and gradient paths ------------------------------------------------------------
 
-def test_state_round_trip():
-    state = make_model((8, 16, 16, 3), seed=4)
+@pytest.mark.parametrize("whiten", [False, True])
+def test_state_round_trip(whiten):
+    state = random_state((8, 16, 16, 3), seed=4, gate_scale=0.3, whiten=whiten)
     state.version, state.info = 3, {"note": "x"}
     back = SPLModel.from_state(state).to_state(state)
     for L0, L1 in zip(state.layers, back.layers):
@@ -242,6 +254,32 @@ def test_pretrain_drops_unlabelled_rows_and_is_deterministic(capsys):
     for L1, L2 in zip(s1.layers, s2.layers):
         for k in L1:
             np.testing.assert_array_equal(L1[k], L2[k])
+    with pytest.raises(ModelError, match="whiten"):
+        pretrain(ds, hidden=[16, 16], epochs=1, whiten=0.0)
+
+
+def test_pretrain_whitens_the_head_without_changing_the_model():
+    """Whitening re-expresses the trained head: the same logits as without it (same seed, same
+    training), a head input of (nearly) unit within-class covariance, and the hidden layers as
+    they were."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((300, 5)).astype(np.float32) @ rng.standard_normal((5, 5)).astype(np.float32)
+    y = ["a" if v > 0 else ("b" if v > -1 else "c") for v in X[:, 0] + 0.3 * X[:, 1]]
+    ds = Dataset(X, y, list("vwxyz"), "mixed.csv")
+    plain, _ = pretrain(ds, hidden=[16, 16], epochs=4, holdout=0.0, seed=2, whiten=None)
+    white, report = pretrain(ds, hidden=[16, 16], epochs=4, holdout=0.0, seed=2)
+    assert "T" not in plain.layers[-1] and "T" in white.layers[-1] and report["whiten"] > 0
+    for L1, L2 in zip(plain.layers[:-1], white.layers[:-1]):
+        for k in L1:
+            np.testing.assert_array_equal(L1[k], L2[k])
+    np.testing.assert_allclose(white.predict_logits(X), plain.predict_logits(X), rtol=1e-4, atol=1e-4)
+    z = standardize(X, white.mean, white.std)
+    U = forward(white.layers, z)[1][-1].astype(np.float64)
+    labels = np.array([{"a": 0, "b": 1, "c": 2}[v] for v in y])
+    D = U - np.array([U[labels == c].mean(0) for c in range(3)])[labels]
+    w = np.linalg.eigvalsh(D.T @ D / len(U))
+    # A^-1/2 S A^-1/2: 1 where S dominates the shrinkage, below it only in near-null directions
+    assert w.max() < 1.01 and np.median(w) > 0.9, w
 
 
 @pytest.mark.slow

@@ -189,6 +189,9 @@ def build_parser(with_rollback: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=positive_int, default=60, help="training epochs (default 60)")
     t.add_argument("--holdout", type=float, default=0.2, help="fraction held out for the accuracy line (default 0.2)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--no-whiten", action="store_true",
+                   help="keep the head's input as it is; by default it is whitened after training (the same "
+                        "model, in coordinates the device's head step learns better in: docs/pretraining.md)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     e = sub.add_parser("export", help="export a trained model to ONNX + manifest.json (needs [train])",

@@ -35,9 +35,11 @@ def run(args) -> int:
     dataset = load_training_data(args.data, args.label, parse_features(args.features))
 
     from edge_spl.export.pretrain import pretrain
+    from edge_spl.spl import WHITEN_SHRINK
 
     state, report = pretrain(dataset, hidden=hidden, epochs=args.epochs, holdout=args.holdout,
-                             seed=args.seed, progress=not args.quiet)
+                             seed=args.seed, progress=not args.quiet,
+                             whiten=None if args.no_whiten else WHITEN_SHRINK)
     try:
         stale = _remove_export(args.out)
         state.save(args.out)

@@ -208,8 +208,10 @@ class StreamingLDA:
 
 
 def last_hidden(state: ModelState, X_raw: np.ndarray) -> np.ndarray:
-    """The frozen model's last hidden features (the head's input) on the training standardisation."""
-    _, hs, _ = forward(state.layers, standardize(X_raw, state.mean, state.std))
+    """The frozen model's last hidden features with its input, [z, h] (the head's input before
+    any whitening: SLDA has a full covariance of its own), on the training standardisation."""
+    layers = state.layers[:-1] + [{k: v for k, v in state.layers[-1].items() if k != "T"}]
+    _, hs, _ = forward(layers, standardize(X_raw, state.mean, state.std))
     return hs[-1]
 
 
