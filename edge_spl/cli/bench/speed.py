@@ -240,8 +240,8 @@ def _save_gas_model(gas: str, sizes, model_dir: str) -> None:
     from edge_spl.export.onnx_export import export_model
     from edge_spl.model import init_model
     b1 = load_gas_file(os.path.join(gas, "batch1.dat"))
-    state = init_model(list(sizes), b1.X.mean(0), b1.X.std(0) + 1e-3, b1.classes(), b1.feature_names,
-                       seed=0, model_id="bench-speed")
+    state = SL.as_trained(init_model(list(sizes), b1.X.mean(0), b1.X.std(0) + 1e-3, b1.classes(),
+                                     b1.feature_names, seed=0, model_id="bench-speed"))
     os.makedirs(model_dir, exist_ok=True)
     export_model(state).save(model_dir)
 

@@ -37,11 +37,23 @@ def make_model(sizes, seed: int = 0):
     """A randomly initialised model of these sizes, exported in memory (speed does not depend on
     what the prototypes learned)."""
     d = sizes[0]
-    state = init_model(list(sizes), np.zeros(d), np.ones(d), [f"c{i}" for i in range(sizes[-1])],
-                       [f"f{i}" for i in range(d)], seed=seed, model_id="bench")
+    state = as_trained(init_model(list(sizes), np.zeros(d), np.ones(d), [f"c{i}" for i in range(sizes[-1])],
+                                  [f"f{i}" for i in range(d)], seed=seed, model_id="bench"), seed)
     exported = export_model(state)
     exported.manifest.onnx_sha256 = "b" * 64   # what ExportedModel.save would fill in
     return state, exported
+
+
+def as_trained(state, seed: int = 0):
+    """`state` with its head whitened on random inputs and labels, as `edge-spl train` leaves a
+    model: the ONNX graph then has the whitening's matmul (what it costs is timed; its values do
+    not matter)."""
+    if len(state.layers) < 2:
+        return state
+    rng = np.random.default_rng(seed)
+    n = 2 * state.layers[-1]["P"].shape[1]
+    return state.with_whitened_head(rng.standard_normal((n, state.sizes[0])).astype(np.float32),
+                                    rng.integers(0, state.sizes[-1], n))
 
 
 def learner_for(exported, hidden: bool, replay: int | None = None) -> FFLearner:
