@@ -217,9 +217,13 @@ def test_last_label():
     assert fallback.calls == 3   # only until the first label
 
 
-def test_bp_step_equals_numpy_head_gradient():
+@pytest.mark.parametrize("whiten", [False, True])
+def test_bp_step_equals_numpy_head_gradient(whiten):
     state = make_model((8, 16, 16, 3), seed=3)
     rng = np.random.default_rng(0)
+    if whiten:   # the gradient is w.r.t. the whitened head's P, on its whitened input
+        state = state.with_whitened_head(rng.standard_normal((200, 8)).astype(np.float32),
+                                         rng.integers(0, 3, 200), 1e-3)
     bp = L.BPFineTune(state, lr=0.2)
     x, label = rng.standard_normal(8).astype(np.float32) * 2, 1
     z = standardize(x[None], state.mean, state.std)
@@ -269,3 +273,16 @@ def test_river_learner_learns_only_from_revealed_labels():
     for x, k in zip(X, y):
         rl.step(x, int(k))
     assert np.mean([rl.step(x, -1) == k for x, k in zip(X, y)]) > 0.8
+
+
+def test_slda_reads_the_head_input_before_whitening():
+    """SLDA keeps a full covariance of its own: it is fed [z, h] as the frozen model computes it,
+    whether or not the model's head whitens it."""
+    state = make_model((8, 16, 16, 3), seed=5)
+    rng = np.random.default_rng(2)
+    white = state.with_whitened_head(rng.standard_normal((200, 8)).astype(np.float32),
+                                     rng.integers(0, 3, 200), 1e-3)
+    X = rng.standard_normal((6, 8)).astype(np.float32)
+    plain = forward(state.layers, standardize(X, state.mean, state.std))[1][-1]
+    np.testing.assert_array_equal(L.last_hidden(white, X), plain)
+    assert not np.allclose(forward(white.layers, standardize(X, white.mean, white.std))[1][-1], plain, atol=1e-3)

@@ -29,6 +29,17 @@ def tiny():
     return state, exported
 
 
+@pytest.fixture(scope="module")
+def tiny_white():
+    """`tiny` with its head whitened, as `edge-spl train` leaves a model."""
+    rng = np.random.default_rng(7)
+    state = make_model((8, 16, 16, 3)).with_whitened_head(rng.standard_normal((300, 8)).astype(f32),
+                                                          rng.integers(0, 3, 300), 1e-3)
+    exported = export_model(state)
+    exported.manifest.onnx_sha256 = "a" * 64
+    return state, exported
+
+
 def stream(n, d=8, seed=0, classes=3):
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((classes, d)) * 2
@@ -43,8 +54,9 @@ def layers_with(state, protos):
 
 # -- onnxruntime session ------------------------------------------------------------------------
 
-def test_session_matches_the_numpy_reference_and_sees_in_place_updates(tiny):
-    state, exported = tiny
+@pytest.mark.parametrize("model", ["tiny", "tiny_white"])
+def test_session_matches_the_numpy_reference_and_sees_in_place_updates(model, request):
+    state, exported = request.getfixturevalue(model)
     model = OnnxModel(exported)
     rng = np.random.default_rng(0)
     protos = [(P.copy(), g.copy()) for P, g in exported.protos]
@@ -88,6 +100,22 @@ def test_step_predicts_before_learning(tiny):
         for (P, g), (bP, bg) in zip(L.protos_[:-1], before[:-1]):
             np.testing.assert_array_equal(P, bP)
         assert not np.array_equal(L.protos_[-1][0], before[-1][0])
+
+
+def test_a_whitened_model_learns_its_head_in_the_whitened_coordinates(tiny_white):
+    """One plain head step (no RMS scaling, no replay) on a whitened model is the FF rule on the
+    head's whitened input u T: P -= lr e (u T) / sqrt(d), g += lr e, e = sigmoid(logits) - onehot."""
+    state, exported = tiny_white
+    L = FFLearner(exported, lr_head=0.3, rms_decay=0.0, replay=0, alpha=0.0)
+    x, y = next(stream(1, seed=4))
+    P, g = (a.astype(np.float64) for a in L.protos_[-1])
+    logits, hs, _ = forward(state.layers, standardize(x[None], state.mean, state.std))
+    u = hs[-1][0].astype(np.float64)
+    assert not np.allclose(u[:8], standardize(x[None], state.mean, state.std)[0], atol=1e-3)   # not [z, h]
+    e = 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64))) - np.eye(3)[y]
+    L.step(x, y)
+    np.testing.assert_allclose(L.protos_[-1][0], P - 0.3 * np.outer(e, u) / np.sqrt(u.size), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(L.protos_[-1][1], g + 0.3 * e, rtol=1e-4, atol=1e-5)
 
 
 def test_head_ff_learns_a_labelled_stream(tiny):
