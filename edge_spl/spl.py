@@ -20,7 +20,8 @@ T = A^(-1/2), A the within-class covariance of u on the training data, shrunk to
 variance (head_whitening). For the pretrained function nothing changes (P is re-expressed as
 P A^(1/2)); what changes is the device's head step, which works coordinate by coordinate (RMS
 scaling), and does far better on decorrelated coordinates of unit within-class spread: gas drift,
-shuffled, all labels 97.0 -> 98.4 %, 5 % labels 89.4 -> 91.4 % (docs/device.md).
+shuffled, all labels 96.9 -> 98.3 %, 5 % labels 89.9 -> 91.2 % (edge-spl bench adapt;
+docs/pretraining.md).
 
 Gates are used as they are; the reference code divided g by the layer's max |g|, which makes
 a gate's effect depend on every other gate and gives a local learner a moving target.
@@ -31,7 +32,7 @@ import numpy as np
 
 Z_CLIP = 10.0  # standardised inputs are clipped to +-Z_CLIP (extreme sensor outliers; FINDINGS.md)
 # head_whitening's shrinkage of the within-class covariance towards its mean variance: on gas
-# drift 1e-4 .. 1e-3 all beat no whitening, 3e-4 best with all labels (docs/device.md)
+# drift 1e-4 .. 1e-3 all beat no whitening, 3e-4 best with all labels (docs/pretraining.md)
 WHITEN_SHRINK = 3e-4
 
 
@@ -99,9 +100,9 @@ def head_whitening(U: np.ndarray, y: np.ndarray, shrink: float = WHITEN_SHRINK) 
 
 def forward(layers, z):
     """Whole model on standardised inputs z (n x d). `layers` is a sequence of dicts with keys
-    W, b, P, g (hidden) and, last, P, g and optionally T (head). Returns (logits, hs, rs): hs[i] is the input of
-    layer i (hs[0] is z, hs[-1] the head's input: [z, h], times T when the head has one) and rs[i]
-    its routing (rs[-1] is the logits)."""
+    W, b, P, g (hidden) and, last, P, g and optionally T (head). Returns (logits, hs, rs): hs[i]
+    is the input of layer i (hs[0] is z, hs[-1] the head's input: [z, h], times T when the head
+    has one) and rs[i] its routing (rs[-1] is the logits)."""
     z = np.asarray(z, np.float32)
     h = z
     hs, rs = [], []
