@@ -49,17 +49,21 @@ def check_hidden(hidden) -> list[int]:
     return widths
 
 
-def check_fits_the_wire(sizes: list[int]) -> None:
+def check_fits_the_wire(sizes: list[int], whiten: bool = True) -> None:
     """Refuse, before allocating anything, a model whose prototypes (one release) or ONNX file
-    would not fit in one MQTT payload: the server could never publish it."""
+    (W, b and, when `whiten`, the head's T) would not fit in one MQTT payload: the server could
+    never publish it."""
     dims = layer_dims(sizes)
     weights = [o * i + o for i, o in dims]   # P, g (and W, b) per layer
-    whitening = dims[-1][0] ** 2 if len(dims) > 1 else 0   # the head's T, in the ONNX file
+    whitening = dims[-1][0] ** 2 if whiten and len(dims) > 1 else 0
+    limit = DEFAULT_MAX_PAYLOAD * 0.9
     biggest = 4 * max(sum(weights), sum(weights[:-1]) + whitening)
-    if biggest > DEFAULT_MAX_PAYLOAD * 0.9:
+    if biggest > limit:
+        hint = ("train it with --no-whiten (the head's whitening is what does not fit), or use smaller --hidden layers"
+                if 4 * max(sum(weights), sum(weights[:-1])) <= limit else
+                "use smaller --hidden layers (or fewer features or classes: is --label the right column?)")
         raise ModelError(f"a {'-'.join(map(str, sizes))} model has {biggest / 1e6:.0f} MB of prototypes or "
-                         f"weights, over the {DEFAULT_MAX_PAYLOAD / 1e6:.0f} MB MQTT payload it must fit "
-                         f"in; use smaller --hidden layers (or fewer features or classes: is --label the right column?)")
+                         f"weights, over the {DEFAULT_MAX_PAYLOAD / 1e6:.0f} MB MQTT payload it must fit in; {hint}")
 
 
 def split_stratified(y: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +173,7 @@ def pretrain(dataset: Dataset, hidden=(256, 256), epochs: int = 60, holdout: flo
     z_tr, z_te = standardize(X[tr], mean, std), standardize(X[te], mean, std)
     y_tr, y_te = y[tr], y[te]
     sizes = [X.shape[1]] + widths + [len(classes)]
-    check_fits_the_wire(sizes)
+    check_fits_the_wire(sizes, whiten is not None)
     state0 = init_model(sizes, mean, std, classes, dataset.feature_names, seed=seed,
                         model_id=model_id or model_id_for(dataset))
 

@@ -258,6 +258,18 @@ def test_pretrain_drops_unlabelled_rows_and_is_deterministic(capsys):
         pretrain(ds, hidden=[16, 16], epochs=1, whiten=0.0)
 
 
+def test_a_model_too_big_for_one_mqtt_payload_is_refused_before_training():
+    from edge_spl.export.pretrain import check_fits_the_wire
+
+    check_fits_the_wire([128, 256, 256, 6])
+    with pytest.raises(ModelError, match="smaller --hidden"):
+        check_fits_the_wire([128, 3000, 3000, 6])            # W alone: 36 MB
+    # [z, h] of 128 + 1,500: T is 10.6 MB beside 9.8 MB of W, b: over the limit only together
+    with pytest.raises(ModelError, match="--no-whiten"):
+        check_fits_the_wire([128, 1500, 1500, 6])
+    check_fits_the_wire([128, 1500, 1500, 6], whiten=False)
+
+
 def test_pretrain_whitens_the_head_without_changing_the_model():
     """Whitening re-expresses the trained head: the same logits as without it (same seed, same
     training), a head input of (nearly) unit within-class covariance, and the hidden layers as
