@@ -98,6 +98,13 @@ class Broker:
     def address(self):
         return f"127.0.0.1:{self.port}"
 
+    def wait_saved(self, cast=None):
+        """Until the broker has autosaved after this call: a SIGKILL then keeps the sessions and
+        retained messages it holds now (a broker killed within its first second has saved nothing)."""
+        since = time.time()
+        db = self.folder / "mosquitto.db"
+        wait_until(lambda: db.exists() and db.stat().st_mtime > since, "the broker to autosave", cast)
+
     def persistent_sessions_offline(self) -> int:
         """How many persistent sessions the broker keeps for clients not connected ($SYS)."""
         got = queue.Queue()
@@ -407,6 +414,7 @@ def test_outbox_survives_broker_outage_device_kill_and_redelivery(cast, gas_line
     server.signal(signal.SIGSTOP)    # deltas sent now stay outstanding: no release covers them
     try:
         feed_all(100, 140)
+        b.wait_saved(cast)           # the server's session must outlive the kill: it cannot renew it
         b.kill()
         feed_all(140, 180)           # learning while the broker is gone, saved at every sync
         dev0.kill()                  # SIGKILL, broker still down
