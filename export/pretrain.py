@@ -148,11 +148,15 @@ def pretrain(dataset: Dataset, hidden=(256, 256), epochs: int = 60, holdout: flo
     settling). The last `settle` share of the epochs keeps routing fixed, so W, b and the head
     fit the masks that get exported. `whiten`: after training, whiten the head's input with this
     shrinkage (ModelState.with_whitened_head; None: do not) -- the same function, in coordinates
-    the device's head step learns far better in."""
+    the device's head step learns far better in, estimated on every labelled row (held-out ones
+    too: no logit changes). It is skipped (report["whiten_note"] says so) when the rows are too
+    few to estimate the within-class covariance (fewer than head inputs + classes)."""
     t0 = time.perf_counter()
     widths = check_hidden(hidden)
     if int(epochs) < 1:
         raise ModelError(f"epochs {epochs}: expected at least 1")
+    if whiten is not None and not 0.0 < whiten <= 1.0:
+        raise ModelError(f"whiten {whiten}: expected a shrinkage in (0, 1], or None")
     if not 0.0 <= settle < 1.0 or tau <= 0 or not 0.0 < rho < 1.0:
         raise ModelError(f"settle {settle}, tau {tau}, rho {rho}: expected settle in [0, 1), tau > 0, rho in (0, 1)")
     classes = dataset.classes()
@@ -222,11 +226,19 @@ def pretrain(dataset: Dataset, hidden=(256, 256), epochs: int = 60, holdout: flo
         if bar is not None:
             bar.close()
 
-    if whiten is not None:
-        if not 0.0 < whiten <= 1.0:
-            raise ModelError(f"whiten {whiten}: expected a shrinkage in (0, 1], or None")
-        state = state.with_whitened_head(z_tr, y_tr, whiten)
+    # Whitening leaves every logit as it is, so it may use the held-out rows too: held-out
+    # accuracy cannot move, and the covariance needs rows (gas, 384 head inputs: with 178-290 rows
+    # it made the device learn worse, with 355 and 445 better; docs/pretraining.md)
     z_all = np.concatenate([z_tr, z_te])
+    whiten_note = None
+    if whiten is not None:
+        d_head = state.layers[-1]["P"].shape[1]
+        if len(z_all) - len(classes) >= d_head:
+            state = state.with_whitened_head(z_all, np.concatenate([y_tr, y_te]), whiten)
+        else:
+            whiten_note = (f"head not whitened: {len(z_all)} labelled rows for {d_head} head inputs; the "
+                           f"within-class covariance needs {d_head + len(classes)} or more")
+            whiten = None
     report = {
         "model_id": state.model_id,
         "sizes": sizes,
@@ -239,7 +251,8 @@ def pretrain(dataset: Dataset, hidden=(256, 256), epochs: int = 60, holdout: flo
         "seed": int(seed),
         "final_ce": ce_sum / len(zt),
         "final_meta": last_meta,   # of the last epoch that trained routing
-        "whiten": whiten,
+        "whiten": whiten,            # the shrinkage used, or None: not whitened
+        "whiten_note": whiten_note,  # why not, when it was asked for
         "seconds": time.perf_counter() - t0,
     }
     state.info = {"trained_on": dataset.source, **{k: report[k] for k in (

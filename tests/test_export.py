@@ -294,6 +294,18 @@ def test_pretrain_whitens_the_head_without_changing_the_model():
     assert w.max() < 1.01 and np.median(w) > 0.9, w
 
 
+def test_pretrain_does_not_whiten_on_too_few_rows():
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((40, 4)).astype(np.float32)
+    ds = Dataset(X, ["a" if v > 0 else "b" for v in X[:, 0]], list("wxyz"), "few.csv")
+    state, report = pretrain(ds, hidden=[40, 40], epochs=2, holdout=0.0, seed=0)   # 44 head inputs
+    assert "T" not in state.layers[-1] and report["whiten"] is None
+    assert "40 labelled rows for 44 head inputs" in report["whiten_note"]
+    # 34 head inputs: 40 rows - 2 classes will do, held-out rows included (logits do not change)
+    state, report = pretrain(ds, hidden=[30, 30], epochs=2, holdout=0.5, seed=0)
+    assert "T" in state.layers[-1] and report["whiten_note"] is None and report["n_train"] == 20
+
+
 @pytest.mark.slow
 def test_pretrain_gas_batch1(gas_dir):
     ds = load_training_data(gas_dir)
