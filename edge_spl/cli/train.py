@@ -53,6 +53,8 @@ def run(args) -> int:
         acc = f"training accuracy {report['train_acc']:.3f} ({report['n_train']} samples, none held out)"
     else:
         acc = f"held-out accuracy {report['heldout_acc']:.3f} ({report['n_heldout']} samples)"
+    if report["whiten_note"]:
+        print(report["whiten_note"])
     active = " / ".join(f"{a:.0%}" for a in report["active"])
     print(f"{acc}, active units {active}, {report['seconds']:.1f} s, saved {args.out}")
     return 0
