@@ -380,6 +380,22 @@ def test_cli_train_bad_input_is_one_line(args, words, gas_dir, tmp_path):
     assert not os.path.exists(tmp_path / "x")
 
 
+def test_cli_train_whitens_unless_told_or_the_rows_are_too_few(tmp_path):
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((60, 4))
+    csv = tmp_path / "few.csv"
+    csv.write_text("a,b,c,d,label\n" + "".join(",".join(f"{v:.4f}" for v in r) + ("," + ("hi" if r[0] > 0 else "lo")) + "\n"
+                                              for r in X))
+    for hidden, extra, whitened in (("16,16", [], True), ("16,16", ["--no-whiten"], False), ("64,64", [], False)):
+        out = tmp_path / f"m{hidden}{extra}"
+        r = edge_spl("train", "--data", str(csv), "--label", "label", "--hidden", hidden, "--epochs", "2",
+                     "--quiet", "--out", str(out), *extra, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert ("T" in ModelState.load(out).layers[-1]) == whitened
+        # asked for but not possible: said on stdout (60 rows, 68 head inputs)
+        assert ("head not whitened: 60 labelled rows for 68 head inputs" in r.stdout) == (hidden == "64,64")
+
+
 def test_cli_export_missing_model_is_one_line(tmp_path):
     r = edge_spl("export", str(tmp_path / "nothing"), cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
