@@ -250,8 +250,8 @@ class SQLiteStore(Store):
         elif row[0] != manifest.onnx_sha256:
             raise ModelError(
                 f"{path} holds versions of model {row[0][:12]}, not of the given model "
-                f"{manifest.onnx_sha256[:12]} ({manifest.model_id}); use another --state folder "
-                f"rather than mixing models")
+                f"{manifest.onnx_sha256[:12]} ({manifest.model_id}); give the --model these versions were made with, or "
+                f"another --state folder for a new model")
 
     def _create_or_migrate(self) -> None:
         """A new database's tables, or a schema 1 one's new columns, and the schema number, in one

@@ -234,7 +234,7 @@ def test_store_refuses_another_model_and_corrupt_files(tiny_model_dir, tmp_path)
     other_dir = str(tmp_path / "other")
     export_model(make_model(seed=1)).save(other_dir)
     other = ExportedModel.load(other_dir)
-    with pytest.raises(ModelError, match="mixing models"):
+    with pytest.raises(ModelError, match="another --state folder for a new model"):
         SQLiteStore(path, other.manifest, other.protos)
 
     junk = tmp_path / "junk.db"

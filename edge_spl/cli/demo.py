@@ -197,13 +197,19 @@ def run(args) -> int:
                 stdout=log, stderr=log))
         say(f"[4/5] {args.devices} devices streaming batches 2..6 ({n_total} samples)")
         pred_files = [os.path.join(dev_dir, f"dev{k}.predictions.csv") for k in range(args.devices)]
+        # on a terminal one line that counts up; in a log, a line every 10 s
+        tty, last = sys.stderr.isatty(), time.monotonic()
         while any(p.poll() is None for p in devices):
             if server_proc.poll() is not None:
                 raise EdgeSplError(f"server exited with code {server_proc.returncode}; see {out}/server.log")
-            done = sum(_count_lines(p) for p in pred_files)
-            print(f"\r      {done}/{n_total} samples", end="", file=sys.stderr, flush=True)
+            if tty:
+                done = sum(_count_lines(p) for p in pred_files)
+                print(f"\r      {done}/{n_total} samples", end="", file=sys.stderr, flush=True)
+            elif time.monotonic() - last >= 10.0:
+                last = time.monotonic()
+                print(f"      {sum(_count_lines(p) for p in pred_files)}/{n_total} samples", file=sys.stderr, flush=True)
             time.sleep(0.5)
-        print(f"\r      {n_total}/{n_total} samples", file=sys.stderr, flush=True)
+        print(("\r" if tty else "") + f"      {n_total}/{n_total} samples", file=sys.stderr, flush=True)
         failed = [k for k, p in enumerate(devices) if p.returncode != 0]
         if failed:
             raise EdgeSplError(f"device(s) {failed} failed; see {dev_dir}/dev<k>.log")

@@ -59,7 +59,7 @@ def rollback(args) -> int:
         raise EdgeSplError("--username and --tls-* need --broker")
     new, was, model, history = roll_back(args.model, args.state, args.to)
     print(f"stored version {new.version} in {args.state}: the prototypes of version {args.to} "
-          f"(the latest was {was.version}); merged marks of {len(new.merged)} devices kept")
+          f"(the latest was {was.version}); merged marks of {len(new.merged)} device{'' if len(new.merged) == 1 else 's'} kept")
     if not args.broker:
         print(f"not published (no --broker): the next `edge-spl server --state {args.state}` publishes it")
         return 0

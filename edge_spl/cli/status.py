@@ -86,7 +86,7 @@ def table(fleet: str, broker, found: dict, now: float) -> str:
         signed = ("signed, verified" if r["verified"] else "signed, not checked: give --verify-key" if r["signed"]
                   else "unsigned")
         lines.append(f"fleet {fleet} on {host}:{port}: release v{r['version']} ({signed}, model "
-                     f"{r['model_sha256'][:12]}, deltas of {r['devices_merged']} devices merged, "
+                     f"{r['model_sha256'][:12]}, deltas of {r['devices_merged']} device{'' if r['devices_merged'] == 1 else 's'} merged, "
                      f"{_age(r['created'] or None, now)})")
     devices = found["devices"]
     if devices:
