@@ -93,17 +93,25 @@ class OnnxModel:
         self._check(exported)
 
     def _check(self, exported: ExportedModel) -> None:
-        """One run on a zero row with the model's prototypes. The manifest's sha256 only says the
-        ONNX file is the one it names; a graph whose shapes do not fit the manifest fails here with
-        a one-line error instead of with a traceback on the first sample."""
+        """One run with the model's prototypes on a few ordinary inputs (zero, +-1, a fixed
+        random row). The manifest's sha256 only says the ONNX file is the one it names; a graph
+        whose shapes do not fit the manifest, or whose baked weights (W, b, T) hold NaN or
+        overflow, fails here with a one-line error instead of on the first sample."""
+        z = np.zeros((4, self.d_in), np.float32)
+        z[1], z[2] = 1.0, -1.0
+        z[3] = np.random.default_rng(0).uniform(-3.0, 3.0, self.d_in)
         try:
-            self.run(np.zeros((1, self.d_in), np.float32), exported.protos)
+            outs = self.run(z, exported.protos)
+            bad = sorted(name for name, a in outs.items() if not np.all(np.isfinite(a)))
         except Exception as e:  # onnxruntime's own exception types
             text = str(e).strip()
             raise ModelError(f"the ONNX graph does not run with the manifest's shapes ({type(e).__name__}: "
                              f"{text.splitlines()[0] if text else ''})") from None
         finally:
             self._bound.clear()   # the learner binds its own arrays
+        if bad:
+            raise ModelError(f"the ONNX graph gives NaN or infinite {', '.join(bad)} on ordinary inputs: "
+                             f"its baked weights are damaged; export the model again")
 
     def run(self, z: np.ndarray, protos) -> dict[str, np.ndarray]:
         """z: standardised, clipped float32 [N, d_in]; protos: the live [(P, g), ...] list.

@@ -62,6 +62,7 @@ class DeviceSync:
         self.messages_sent = self.bytes_sent = 0
         self.messages_received = self.bytes_received = 0
         self.rejected = 0
+        self.last_rejected: dict[str, str] = {}   # topic -> why its last message was rejected
         self.refused: str | None = None   # the broker's reason when it refused the connection
         self.closed_unanswered = False    # the broker hung up before any CONNACK (a TLS port?)
         self.started = False              # start() succeeded
@@ -228,6 +229,7 @@ class DeviceSync:
             reason = f"{type(e).__name__}: {e}"
         with self._lock:
             self.rejected += 1
+            self.last_rejected[topic] = reason[:200]
         log.warning("rejected message on %s: %s", topic, reason[:200])
         return None
 
@@ -257,12 +259,20 @@ class DeviceSync:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                t = self.topics
+                refused = {n: self.last_rejected.get(topic) for n, topic in
+                           (("manifest", t.manifest), ("onnx", t.onnx), ("release", t.release))}
                 missing = [n for n, v in (("manifest", manifest), ("onnx", onnx), ("release", release))
                            if v is None]
+                if any(refused[n] for n in missing):
+                    n = next(n for n in missing if refused[n])
+                    raise EdgeSplError(f"no model from MQTT broker {self.host}:{self.port} fleet {t.fleet!r}: "
+                                       f"its {n} was refused ({refused[n]}); give --model, or fix what "
+                                       f"the server publishes")
                 why = (f"missing {', '.join(missing)}" if missing else
                        "manifest, ONNX and release do not match")
                 raise EdgeSplError(f"no model on MQTT broker {self.host}:{self.port} fleet "
-                                   f"{self.topics.fleet!r} within {wait:g} s ({why}): "
+                                   f"{t.fleet!r} within {wait:g} s ({why}): "
                                    f"start the server or give --model")
             for ev in self.poll(timeout=min(left, 0.5)):
                 if ev.kind == "manifest":

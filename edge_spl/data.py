@@ -126,8 +126,15 @@ def _header(reader, where: str) -> list[str]:
         raise DataError(f"{where}: not CSV ({e})") from None
     header = [h.strip() for h in header]
     if len(set(header)) != len(header):
-        raise DataError(f"{where}: duplicate column names in header {header}")
+        raise DataError(f"{where}: duplicate column names in header {header}{header_hint(header)}")
     return header
+
+
+def header_hint(header: list[str]) -> str:
+    """For a message about a header that lacks what was asked for: a note when it looks like data."""
+    if header and all(_is_number(h) for h in header):
+        return " (the first row is all numbers: does the file lack its header row of column names?)"
+    return ""
 
 
 _WHY = ("empty", "not a number", "non-finite", "beyond the float32 range")
@@ -149,6 +156,14 @@ def _float(v: str) -> float:
     return x
 
 
+def _float_ok(v: str) -> bool:
+    try:
+        _float(v)
+        return True
+    except ValueError:
+        return False
+
+
 def _is_number(v: str) -> bool:
     """Whether a cell reads as a number at all (to pick a CSV's numeric columns)."""
     try:
@@ -160,33 +175,40 @@ def _is_number(v: str) -> bool:
 
 def load_csv(path: str, label: str | None = None, features: list[str] | None = None) -> Dataset:
     """A CSV with a header row. `features` defaults to every column other than `label` whose
-    values are all numbers, except a row counter (whole numbers that rise by one each row).
-    Rows with an empty label are unlabeled."""
+    cells are mostly numbers (a cell in such a column that is empty or not a number is an error
+    naming its line, not a reason to drop the column), except a row counter (whole numbers that
+    rise by one each row). Rows with an empty label are unlabeled."""
     reader = None
     try:
         with _open_text(path) as f:
             reader = csv.reader(f)
             header = _header(reader, path)
-            rows = [r for r in reader if any(c.strip() for c in r)]
+            numbered = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     except (UnicodeDecodeError, csv.Error) as e:
         line = max(1, reader.line_num if reader is not None else 1)
         why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"not CSV ({e})"
         raise DataError(f"{path}:{line}: {why}; expected a CSV file with a header row") from None
     if label is not None and label not in header:
-        raise DataError(f"{path}: no label column {label!r}; the header has {columns(header)}")
-    for n, r in enumerate(rows, 2):
+        raise DataError(f"{path}: no label column {label!r}; the header has {columns(header)}"
+                        f"{header_hint(header)}")
+    for n, r in numbered:
         if len(r) != len(header):
             raise DataError(f"{path}:{n}: {len(r)} fields, header has {len(header)}")
+    rows = [r for _, r in numbered]
+    if not rows:
+        raise DataError(f"{path}: no data rows")
     if features is None:
         features = []
         for j, name in enumerate(header):
             if name == label:
                 continue
-            if not all(_is_number(r[j]) for r in rows):
-                continue
-            values = np.array([float(r[j]) for r in rows])
-            if len(values) > 1 and np.all(np.diff(values) == 1):
-                continue   # a row counter such as the occupancy files' "sno"
+            numbers = sum(_is_number(r[j]) for r in rows)
+            if 2 * numbers <= len(rows):
+                continue   # text: a date, a name
+            if numbers == len(rows):
+                values = np.array([float(r[j]) for r in rows])
+                if len(values) > 1 and np.all(np.diff(values) == 1):
+                    continue   # a row counter such as the occupancy files' "sno"
             features.append(name)
         if not features:
             raise DataError(f"{path}: no numeric feature columns")
@@ -195,15 +217,13 @@ def load_csv(path: str, label: str | None = None, features: list[str] | None = N
         raise DataError(f"{path}: feature columns {missing} not in header {header}")
     cols = [header.index(c) for c in features]
     X = np.empty((len(rows), len(cols)), np.float32)
-    for n, r in enumerate(rows):
+    for i, (n, r) in enumerate(numbered):
         for k, j in enumerate(cols):
             try:
-                X[n, k] = _float(r[j])
+                X[i, k] = _float(r[j])
             except ValueError as e:
-                raise DataError(f"{path}:{n + 2}: column {header[j]!r} is {r[j][:40]!r}: {e}; expected "
+                raise DataError(f"{path}:{n}: column {header[j]!r} is {r[j][:40]!r}: {e}; expected "
                                 f"a finite number") from None
-    if not rows:
-        raise DataError(f"{path}: no data rows")
     y = [None] * len(rows)
     if label is not None:
         li = header.index(label)
@@ -283,9 +303,11 @@ def iter_samples(source: str, feature_names: list[str], label: str | None = None
         missing = [c for c in feature_names if c not in header]
         if missing:
             raise DataError(f"{name}: CSV header lacks {len(missing)} of the model's {len(feature_names)} "
-                            f"feature columns ({columns(missing)}); the header has {columns(header)}")
+                            f"feature columns ({columns(missing)}); the header has {columns(header)}"
+                            f"{header_hint(header)}")
         if label is not None and label not in header:
-            raise DataError(f"{name}: no label column {label!r}; the header has {columns(header)}")
+            raise DataError(f"{name}: no label column {label!r}; the header has {columns(header)}"
+                            f"{header_hint(header)}")
         cols = [header.index(c) for c in feature_names]
         li = header.index(label) if label is not None else None
         for n, line in lines:
@@ -304,8 +326,8 @@ def iter_samples(source: str, feature_names: list[str], label: str | None = None
             try:
                 x = np.array([_float(row[j]) for j in cols], np.float32)
             except ValueError as e:
-                why = "a feature is not a number" if str(e) in ("empty", "not a number") else f"a feature is {e}"
-                on_bad(f"{name}:{n}", why)
+                j = next(j for j in cols if not _float_ok(row[j]))
+                on_bad(f"{name}:{n}", f"column {header[j]!r} is {row[j][:40]!r}: {e}")
                 continue
             y = row[li].strip() or None if li is not None else None
             yield Sample(index, x, y)

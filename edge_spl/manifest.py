@@ -85,9 +85,11 @@ class Manifest:
             raise ModelError("manifest: mean and std must be numbers")
         # as float32, which is what the device computes with: 1e39 is inf there, 1e-50 is 0
         mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
-        if not (np.all(np.abs(mean) <= _F32_MAX) and np.all(std <= _F32_MAX)
+        # (the device keeps std^2 as its running variance: that must be a float32 too)
+        if not (np.all(np.abs(mean) <= _F32_MAX) and np.all(std * std <= _F32_MAX)
                 and np.all(std.astype(np.float32) > 0)):
-            raise ModelError("manifest: standardisation must be finite float32 values with positive stds")
+            raise ModelError("manifest: standardisation must be finite float32 values with positive stds "
+                             "whose squares are float32 too")
         if not _is_number(self.z_clip) or not 0 < self.z_clip <= _F32_MAX:
             raise ModelError(f"manifest: z_clip {self.z_clip!r} must be a positive number")
         if not _is_int(self.opset) or self.dtype != "float32":
@@ -168,10 +170,8 @@ class ExportedModel:
 
     @classmethod
     def load(cls, model_dir: str) -> "ExportedModel":
+        check_export_dir(model_dir)
         paths = {n: os.path.join(model_dir, n) for n in (MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE)}
-        for p in paths.values():
-            if not os.path.isfile(p):
-                raise ModelError(f"{p} not found: run `edge-spl export {model_dir}` first")
         try:
             data = {n: _read(p) for n, p in paths.items()}
         except OSError as e:
@@ -198,6 +198,36 @@ class ExportedModel:
         self.manifest.onnx_sha256 = sha256_file(os.path.join(model_dir, ONNX_FILE))
         self.manifest.prototypes_sha256 = sha256_file(os.path.join(model_dir, PROTOTYPES_FILE))
         atomic_write_bytes(os.path.join(model_dir, MANIFEST_FILE), self.manifest.to_json())
+
+
+def check_export_dir(model_dir: str) -> None:
+    """A one-line error for a folder that holds no export, saying what to give instead."""
+    if not os.path.isdir(model_dir):
+        raise ModelError(f"{model_dir}: no such folder; expected a model folder made by `edge-spl train` "
+                         f"and `edge-spl export`")
+    missing = [n for n in (MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE) if not os.path.isfile(os.path.join(model_dir, n))]
+    if not missing:
+        return
+    if os.path.isfile(os.path.join(model_dir, "model.json")):
+        hint = f"run `edge-spl export {model_dir}` first"
+    elif os.path.isfile(os.path.join(model_dir, "server.db")):
+        hint = "this is a server's --state folder: give the model folder the server runs (its --model)"
+    else:
+        hint = "expected a model folder made by `edge-spl train` and `edge-spl export`"
+    raise ModelError(f"{model_dir}: no {missing[0]}; {hint}")
+
+
+def remove_export(folder: str) -> list[str]:
+    """Remove an export (manifest first, so no half export loads); returns the names removed.
+    An export left beside a retrained model would be served as if it were the new one (its
+    manifest and ONNX agree with each other), and one that failed its check must not be used."""
+    gone = []
+    for name in (MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.unlink(path)
+            gone.append(name)
+    return gone
 
 
 def _read(path: str) -> bytes:

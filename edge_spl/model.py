@@ -76,6 +76,8 @@ class ModelState:
                     raise ModelError(f"layer {i} {k} has shape {a.shape}, expected {shapes[k]}")
                 if not np.all(np.isfinite(a)):
                     raise ModelError(f"layer {i} {k} has non-finite values")
+            if "T" in L and not _is_whitening(L["T"]):
+                raise ModelError(f"layer {i} T is not a whitening (a symmetric positive definite matrix)")
             d = d_out
         if d != len(self.class_names):
             raise ModelError(f"head has {d} outputs for {len(self.class_names)} class names")
@@ -95,11 +97,15 @@ class ModelState:
         """The same function with a whitened head (edge_spl.spl): T from the head's inputs on the
         standardised training rows z with labels y, and the head's P re-expressed in T's
         coordinates (P A^(1/2)), so every logit stays as it was up to float32 rounding. A head
-        that already whitens is whitened again on top. Needs hidden layers."""
+        that already whitens is whitened again on top. Needs hidden layers, and rows that vary
+        within their classes (ModelError otherwise, saying which)."""
         if len(self.layers) < 2:
             raise ModelError("a head without hidden layers reads x directly and cannot whiten")
         _, hs, _ = forward(self.layers, z)
-        T, T_inv = head_whitening(hs[-1], y, shrink)
+        whitening = head_whitening(hs[-1], y, shrink)
+        if whitening is None:
+            raise ModelError("the head's inputs hardly vary within classes: there is nothing to whiten by")
+        T, T_inv = whitening
         head = dict(self.layers[-1])
         old = head.get("T")
         head["P"] = (head["P"].astype(np.float64) @ T_inv).astype(np.float32)
@@ -160,12 +166,13 @@ class ModelState:
                 raise ModelError(f"{meta_path}: sizes, class_names and feature_names must be lists "
                                  f"(of layer widths and of names)")
             n_layers = len(sizes) - 1
-            layers = []
-            for i in range(n_layers):
-                keys = ("P", "g") if i == n_layers - 1 else ("W", "b", "P", "g")
-                if i == n_layers - 1 and f"T{i}" in arrays:
-                    keys += ("T",)
-                layers.append({k: arrays[f"{k}{i}"] for k in keys})
+            head_keys = ("P", "g", "T") if meta["format"] >= 3 and f"T{n_layers - 1}" in arrays else ("P", "g")
+            keys = [("W", "b", "P", "g")] * (n_layers - 1) + [head_keys]
+            layers = [{k: arrays[f"{k}{i}"] for k in ks} for i, ks in enumerate(keys)]
+            extra = set(arrays) - {"mean", "std"} - {f"{k}{i}" for i, ks in enumerate(keys) for k in ks}
+            if extra:
+                raise ModelError(f"{state_path} holds arrays {sorted(extra)} that a format {meta['format']} "
+                                 f"{'-'.join(map(str, sizes))} model does not have")
             return cls(layers, arrays["mean"], arrays["std"], list(meta["class_names"]),
                        list(meta["feature_names"]), meta.get("model_id", "model"),
                        int(meta.get("version", 0)), dict(meta.get("info", {})))
@@ -175,6 +182,18 @@ class ModelState:
             raise ModelError(f"{e.filename or model_dir}: cannot read ({e.strerror})") from None
         except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
             raise ModelError(f"{model_dir}: unreadable model ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _is_whitening(T: np.ndarray) -> bool:
+    """Symmetric (to float32 rounding) and positive definite, as head_whitening makes it."""
+    T = T.astype(np.float64)
+    if not np.allclose(T, T.T, rtol=1e-5, atol=1e-6 * np.max(np.abs(T))):
+        return False
+    try:
+        np.linalg.cholesky(T)
+    except np.linalg.LinAlgError:
+        return False
+    return True
 
 
 def init_model(sizes: list[int], mean, std, class_names, feature_names, seed: int = 0,

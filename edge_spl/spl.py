@@ -34,6 +34,7 @@ Z_CLIP = 10.0  # standardised inputs are clipped to +-Z_CLIP (extreme sensor out
 # head_whitening's shrinkage of the within-class covariance towards its mean variance: on gas
 # drift 1e-4 .. 1e-3 all beat no whitening, 3e-4 best with all labels (docs/pretraining.md)
 WHITEN_SHRINK = 3e-4
+WHITEN_MIN_SPREAD = 1e-6   # head_whitening: the least within-class share of the spread it whitens
 
 
 def silu(z: np.ndarray) -> np.ndarray:
@@ -73,11 +74,14 @@ def head_input(z: np.ndarray, h: np.ndarray, n_layers: int) -> np.ndarray:
     return np.concatenate([z, h], axis=-1) if n_layers > 1 else z
 
 
-def head_whitening(U: np.ndarray, y: np.ndarray, shrink: float = WHITEN_SHRINK) -> tuple[np.ndarray, np.ndarray]:
+def head_whitening(U: np.ndarray, y: np.ndarray,
+                   shrink: float = WHITEN_SHRINK) -> tuple[np.ndarray, np.ndarray] | None:
     """(T, T^-1) for the head's inputs U (n x d_head) with class labels y: T = A^(-1/2) with
     A = (1 - shrink) S + shrink (tr S / d) I, S the pooled within-class covariance of U. Both
-    symmetric, float64. A class with one row adds nothing to S; with no spread at all (S = 0)
-    A is I."""
+    symmetric, float64. A class with one row adds nothing to S. None when the rows hardly vary
+    within their classes (tr S below WHITEN_MIN_SPREAD of the total spread of U, which is what
+    rounding leaves of classes made of identical rows): T would scale u by ~1e10, and the device's
+    float32 steps on such coordinates are noise."""
     U = np.asarray(U, np.float64)
     y = np.asarray(y)
     if U.ndim != 2 or len(y) != len(U) or len(U) == 0:
@@ -91,8 +95,9 @@ def head_whitening(U: np.ndarray, y: np.ndarray, shrink: float = WHITEN_SHRINK) 
     d = U.shape[1]
     S = D.T @ D / len(U)
     scale = np.trace(S) / d
-    if not scale > 0:
-        return np.eye(d), np.eye(d)
+    total = np.mean(np.square(U - U.mean(axis=0)))
+    if not scale > WHITEN_MIN_SPREAD * total:
+        return None
     w, V = np.linalg.eigh((1.0 - shrink) * S + shrink * scale * np.eye(d))
     w = np.maximum(w, shrink * scale * 1e-3)   # rounding can take the smallest a hair below
     return (V / np.sqrt(w)) @ V.T, (V * np.sqrt(w)) @ V.T

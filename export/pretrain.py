@@ -26,6 +26,7 @@ from edge_spl.spl import WHITEN_SHRINK, forward, layer_dims, standardize
 from .spl_torch import SPLModel, mask_oracle
 
 STD_FLOOR = 1e-6  # relative to a feature's scale, so a constant column still gets a positive std
+MAX_STD = 1e18    # the device keeps std^2 as a float32 running variance (max ~3.4e38)
 
 
 def model_id_for(dataset: Dataset) -> str:
@@ -56,14 +57,14 @@ def check_fits_the_wire(sizes: list[int], whiten: bool = True) -> None:
     dims = layer_dims(sizes)
     weights = [o * i + o for i, o in dims]   # P, g (and W, b) per layer
     whitening = dims[-1][0] ** 2 if whiten and len(dims) > 1 else 0
-    limit = DEFAULT_MAX_PAYLOAD * 0.9
+    limit = DEFAULT_MAX_PAYLOAD * 0.9   # room for the manifest and the message's framing
     biggest = 4 * max(sum(weights), sum(weights[:-1]) + whitening)
     if biggest > limit:
         hint = ("train it with --no-whiten (the head's whitening is what does not fit), or use smaller --hidden layers"
                 if 4 * max(sum(weights), sum(weights[:-1])) <= limit else
                 "use smaller --hidden layers (or fewer features or classes: is --label the right column?)")
-        raise ModelError(f"a {'-'.join(map(str, sizes))} model has {biggest / 1e6:.0f} MB of prototypes or "
-                         f"weights, over the {DEFAULT_MAX_PAYLOAD / 1e6:.0f} MB MQTT payload it must fit in; {hint}")
+        raise ModelError(f"a {'-'.join(map(str, sizes))} model has {biggest / 1e6:.1f} MB of prototypes or "
+                         f"weights, over the {limit / 1e6:.1f} MB that fit in one MQTT payload; {hint}")
 
 
 def split_stratified(y: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,11 +83,19 @@ def split_stratified(y: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarr
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
 
 
-def standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def standardisation(X: np.ndarray, feature_names=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std (float32). Refuses a feature whose spread is beyond what the
+    device can track in float32 (it keeps std^2 as a running variance)."""
     X = X.astype(np.float64)
     mean = X.mean(axis=0)
     std = X.std(axis=0)
     std = np.maximum(std, STD_FLOOR * np.maximum(np.abs(mean), 1.0))
+    wide = np.flatnonzero(std > MAX_STD)
+    if len(wide):
+        j = int(wide[0])
+        name = feature_names[j] if feature_names is not None else f"column {j}"
+        raise DataError(f"feature {name!r} spreads over {std[j]:.3g} (std): beyond float32 once squared "
+                        f"(at most {MAX_STD:g}); rescale that column{f' and {len(wide) - 1} more' if len(wide) > 1 else ''}")
     return mean.astype(np.float32), std.astype(np.float32)
 
 
@@ -173,10 +182,17 @@ def pretrain(dataset: Dataset, hidden=(256, 256), epochs: int = 60, holdout: flo
     y = np.array([index[v] for v in dataset.y if v is not None], np.int64)
     tr, te = split_stratified(y, float(holdout), seed)
 
-    mean, std = standardisation(X[tr])
+    mean, std = standardisation(X[tr], dataset.feature_names)
     z_tr, z_te = standardize(X[tr], mean, std), standardize(X[te], mean, std)
     y_tr, y_te = y[tr], y[te]
     sizes = [X.shape[1]] + widths + [len(classes)]
+    d_head = sizes[0] + widths[-1]
+    if whiten is not None and len(y) - len(classes) < d_head:
+        whiten_note = (f"head not whitened: {len(y)} labelled rows for {d_head} head inputs; the "
+                       f"within-class covariance needs {d_head + len(classes)} or more")
+        whiten = None
+    else:
+        whiten_note = None
     check_fits_the_wire(sizes, whiten is not None)
     state0 = init_model(sizes, mean, std, classes, dataset.feature_names, seed=seed,
                         model_id=model_id or model_id_for(dataset))
@@ -230,15 +246,11 @@ def pretrain(dataset: Dataset, hidden=(256, 256), epochs: int = 60, holdout: flo
     # accuracy cannot move, and the covariance needs rows (gas, 384 head inputs: with 178-290 rows
     # it made the device learn worse, with 355 and 445 better; docs/pretraining.md)
     z_all = np.concatenate([z_tr, z_te])
-    whiten_note = None
     if whiten is not None:
-        d_head = state.layers[-1]["P"].shape[1]
-        if len(z_all) - len(classes) >= d_head:
+        try:
             state = state.with_whitened_head(z_all, np.concatenate([y_tr, y_te]), whiten)
-        else:
-            whiten_note = (f"head not whitened: {len(z_all)} labelled rows for {d_head} head inputs; the "
-                           f"within-class covariance needs {d_head + len(classes)} or more")
-            whiten = None
+        except ModelError as e:   # the rows do not vary within their classes
+            whiten_note, whiten = f"head not whitened: {e}", None
     report = {
         "model_id": state.model_id,
         "sizes": sizes,

@@ -62,9 +62,14 @@ def test_head_whitening_is_the_shrunk_within_class_inverse_square_root():
     # the class means move it not at all: only the spread within classes counts
     T2, _ = head_whitening(U + 100.0 * (y == 1)[:, None], y, shrink=1e-3)
     np.testing.assert_allclose(T2, T, rtol=1e-9)
-    # no spread at all: the identity
-    T0, T0_inv = head_whitening(np.tile(np.arange(6.0), (4, 1)), np.array([0, 0, 1, 1]))
-    assert np.array_equal(T0, np.eye(6)) and np.array_equal(T0_inv, np.eye(6))
+    # classes of identical rows: nothing to whiten by, whether S is 0 or what rounding leaves of
+    # it (T would be ~1e10); a small but real spread still whitens
+    assert head_whitening(np.tile(np.arange(6.0), (4, 1)), np.array([0, 0, 1, 1])) is None
+    means = rng.standard_normal((3, 6)) * 3.0
+    noise = rng.standard_normal((500, 6))
+    assert head_whitening(means[y] + 1e-9 * noise, y) is None
+    small = head_whitening(means[y] + 1e-2 * noise, y)
+    assert small is not None and np.all(np.isfinite(small[0]))
     with pytest.raises(ValueError):
         head_whitening(U, y, shrink=0.0)
     with pytest.raises(ValueError):
@@ -86,6 +91,13 @@ def test_a_whitened_head_keeps_the_model_and_its_files():
     assert white.prototypes()[-1][0].shape == (3, 24)   # P, g only: T is part of the graph
     # new prototypes keep the whitening
     assert "T" in white.with_prototypes(white.prototypes()).layers[-1]
+
+
+def test_whitening_rows_that_do_not_vary_within_classes_is_refused():
+    state = make_model()
+    z = np.repeat(np.random.default_rng(7).standard_normal((3, 8)), 20, axis=0).astype(np.float32)
+    with pytest.raises(ModelError, match="hardly vary within classes"):
+        state.with_whitened_head(z, np.repeat(np.arange(3), 20))
 
 
 def test_model_files_keep_the_whitening_and_format_2_still_loads(tmp_path):
@@ -114,6 +126,30 @@ def test_model_files_keep_the_whitening_and_format_2_still_loads(tmp_path):
         ModelState.load(tmp_path / "old")
 
 
+def test_model_files_with_arrays_their_format_does_not_have_are_refused(tmp_path):
+    import json
+
+    from edge_spl.files import pack_arrays, sha256_file
+
+    white = make_model().with_whitened_head(np.random.default_rng(5).standard_normal((100, 8)).astype(np.float32),
+                                            np.arange(100) % 3)
+
+    def forged(name, format, **more):
+        white.save(tmp_path / name)
+        (tmp_path / name / "model.npz").write_bytes(pack_arrays({**white.arrays(), **more}))
+        meta_path = tmp_path / name / "model.json"
+        meta = json.loads(meta_path.read_text())
+        meta.update(format=format, sha256=sha256_file(tmp_path / name / "model.npz"))
+        meta_path.write_text(json.dumps(meta))
+        return tmp_path / name
+
+    assert "T" in ModelState.load(forged("ok", 3)).layers[-1]
+    with pytest.raises(ModelError, match=r"holds arrays \['T2'\] that a format 2"):
+        ModelState.load(forged("old", 2))   # format 2 never had a whitening
+    with pytest.raises(ModelError, match=r"holds arrays \['T0'\]"):
+        ModelState.load(forged("stray", 3, T0=np.eye(8, dtype=np.float32)))
+
+
 def test_whitening_shapes_are_checked():
     state = make_model()
     layers = [dict(L) for L in state.layers]
@@ -123,6 +159,13 @@ def test_whitening_shapes_are_checked():
     layers[-1]["T"] = np.full((24, 24), np.nan, np.float32)
     with pytest.raises(ModelError, match="non-finite"):
         ModelState(layers, state.mean, state.std, state.class_names, state.feature_names)
+    # a T that is no whitening: zero, singular, negative definite, not symmetric
+    rng = np.random.default_rng(8)
+    M = rng.standard_normal((24, 24))
+    for T in (np.zeros((24, 24)), np.diag([1.0] * 23 + [0.0]), -np.eye(24), np.eye(24) + np.triu(M, 1)):
+        layers[-1]["T"] = T.astype(np.float32)
+        with pytest.raises(ModelError, match="layer 2 T is not a whitening"):
+            ModelState(layers, state.mean, state.std, state.class_names, state.feature_names)
     flat = make_model((8, 3))
     with pytest.raises(ModelError, match="cannot whiten"):
         flat.with_whitened_head(np.zeros((6, 8), np.float32), np.arange(6) % 3)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -31,6 +32,23 @@ def write_csv(path, n=60, seed=0, extra_rows=()):
     lines += list(extra_rows)
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+def wait_until_online(broker, fleet, device, timeout=30.0) -> None:
+    """Until the device's retained status is on the broker: it publishes it as it connects. A
+    device that has its model starts offline and connects in the background; what a test feeds
+    it before then is learned unpushed, not sent as deltas."""
+    seen = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    c.on_message = lambda client, userdata, msg: msg.payload and seen.set()
+    c.connect(*broker)
+    c.subscribe(Topics(fleet).status(device), qos=1)
+    c.loop_start()
+    try:
+        assert seen.wait(timeout), f"{device} did not come online within {timeout:.0f} s"
+    finally:
+        c.disconnect()
+        c.loop_stop()
 
 
 def run_cli(capsys, *argv):
@@ -339,6 +357,7 @@ def test_with_no_server_the_outbox_stops_growing_and_nothing_is_lost(tmp_path, t
     lines = open(write_csv(tmp_path / "s.csv", n=200)).read().splitlines(keepends=True)
     server = None
     try:
+        wait_until_online(mqtt_broker, fleet, "d1")       # (offline, it would make no deltas)
         dev.stdin.write("".join(lines[:161]))           # 80 syncs, and no server to answer
         dev.stdin.flush()
         deadline = time.monotonic() + 30
@@ -361,3 +380,61 @@ def test_with_no_server_the_outbox_stops_growing_and_nothing_is_lost(tmp_path, t
             dev.kill()
         if server is not None:
             server.stop()
+
+
+def test_sigterm_saves_the_state_and_says_so(tmp_path, tiny_model_dir):
+    """The service manager's stop (SIGTERM) mid-stream: exit 130, every sample read so far kept in
+    the saved state, and a line saying where."""
+    import signal
+
+    from test_faults import state_meta
+
+    state = tmp_path / "st"
+    dev = subprocess.Popen(EDGE_SPL + ["device", "--id", "d", "--source", "-", "--state", str(state),
+                                       "--model", tiny_model_dir, "--label", "y", "--sync-every", "10", "--quiet"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = open(write_csv(tmp_path / "s.csv", n=30)).read()
+    try:
+        dev.stdin.write(lines)
+        dev.stdin.flush()                       # the pipe stays open: the device waits for more
+        deadline = time.monotonic() + 30
+        while not state.joinpath("device-state.bin").exists() or state_meta(state)["n_samples"] < 30:
+            assert time.monotonic() < deadline and dev.poll() is None
+            time.sleep(0.1)
+        dev.send_signal(signal.SIGTERM)
+        _, err = dev.communicate(timeout=30)
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+    assert dev.returncode == 130, err
+    assert f"stopped after 30 samples: what it learned and its outbox of 0 deltas are saved in {state}" in err
+    assert err.strip().splitlines()[-1] == "edge-spl device: interrupted"
+    assert state_meta(state)["n_samples"] == 30
+
+
+def test_a_device_on_another_model_logs_a_few_refusals_then_counts_them(tmp_path, tiny_model_dir, mqtt_broker,
+                                                                          fleet):
+    """Every delta of a device on the wrong model is refused: the first few reasons are logged,
+    the rest only counted, and the end says how many."""
+    from conftest import make_model
+
+    from edge_spl.export.onnx_export import export_model
+    from edge_spl.server.service import Server
+
+    other = tmp_path / "other"
+    state = make_model(seed=7)
+    state.save(other)
+    export_model(state).save(str(other))
+    server = Server(mqtt_broker, tiny_model_dir, str(tmp_path / "srv"), fleet=fleet, merge_every=0.2).start()
+    try:
+        r = subprocess.run(EDGE_SPL + ["device", "--broker", "%s:%d" % mqtt_broker, "--fleet", fleet, "--id", "d1",
+                                       "--source", write_csv(tmp_path / "s.csv", n=200), "--state", str(tmp_path / "d"),
+                                       "--model", str(other), "--label", "y", "--sync-every", "10", "--quiet",
+                                       "--wait", "10"], capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop()
+    assert r.returncode == 0, r.stderr
+    shown = [line for line in r.stderr.splitlines() if "server rejected delta" in line]
+    assert len(shown) == 5 and "further refusals are only counted" in shown[-1], r.stderr
+    total = re.search(r"the server refused (\d+) of this device's deltas", r.stderr)
+    assert total and int(total.group(1)) > 5, r.stderr

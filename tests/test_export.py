@@ -9,6 +9,7 @@ rounding difference legitimately flips a hard mask.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -230,6 +231,9 @@ def test_split_and_standardisation():
     X = np.array([[1.0, 5.0], [3.0, 5.0]], np.float32)
     mean, std = standardisation(X)
     assert mean.tolist() == [2.0, 5.0] and std[0] == 1.0 and 0 < std[1] < 1e-4
+    # a spread whose square is no float32 (the device's running variance) is named, not saved
+    with pytest.raises(DataError, match="feature 'loud' spreads over 1e\\+30"):
+        standardisation(np.array([[1.0, 1e30], [3.0, -1e30]], np.float32), ["quiet", "loud"])
 
 
 def test_pretrain_errors():
@@ -268,6 +272,8 @@ def test_a_model_too_big_for_one_mqtt_payload_is_refused_before_training():
     with pytest.raises(ModelError, match="--no-whiten"):
         check_fits_the_wire([128, 1500, 1500, 6])
     check_fits_the_wire([128, 1500, 1500, 6], whiten=False)
+    with pytest.raises(ModelError, match=r"over the 15\.1 MB that fit in one MQTT payload"):
+        check_fits_the_wire([128, 3000, 3000, 6])   # the limit enforced: 90 % of the 16.8 MB payload
 
 
 def test_pretrain_whitens_the_head_without_changing_the_model():
@@ -304,6 +310,33 @@ def test_pretrain_does_not_whiten_on_too_few_rows():
     # 34 head inputs: 40 rows - 2 classes will do, held-out rows included (logits do not change)
     state, report = pretrain(ds, hidden=[30, 30], epochs=2, holdout=0.5, seed=0)
     assert "T" in state.layers[-1] and report["whiten_note"] is None and report["n_train"] == 20
+
+
+def test_a_whitening_that_will_be_skipped_does_not_count_against_the_payload():
+    """2,000 features and 60 rows: T (2,008^2 floats, 16 MB) would not fit, but the rows are too
+    few to whiten anyway, so the model trains (as it would with --no-whiten)."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((60, 2000)).astype(np.float32)
+    ds = Dataset(X, ["a" if v > 0 else "b" for v in X[:, 0]], [f"f{i}" for i in range(2000)], "wide.csv")
+    state, report = pretrain(ds, hidden=[8], epochs=1, holdout=0.0, seed=0)
+    assert "T" not in state.layers[-1] and "60 labelled rows for 2008 head inputs" in report["whiten_note"]
+
+
+def test_classes_of_identical_rows_train_unwhitened_and_export(tmp_path):
+    """Rows that do not vary within their classes leave nothing to whiten by (T would be ~1e10
+    and the exported graph disagree with torch once P moves): trained without T, saying why."""
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((3, 4)).astype(np.float32) * 3.0
+    y = np.repeat(np.arange(3), 40)
+    ds = Dataset(centres[y], [f"c{k}" for k in y], list("wxyz"), "same.csv")
+    state, report = pretrain(ds, hidden=[8], epochs=3, holdout=0.0, seed=0)
+    assert "T" not in state.layers[-1] and report["whiten"] is None
+    assert "hardly vary within classes" in report["whiten_note"]
+    exported = export_model(state)
+    moved = [(P + 0.1 * rng.standard_normal(P.shape).astype(np.float32), g) for P, g in state.prototypes()]
+    z = inputs(4, n=20)
+    want = forward(state.with_prototypes(moved).layers, z)[0]
+    np.testing.assert_allclose(run_onnx(exported.onnx_bytes, z, moved)["logits"], want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -400,3 +433,58 @@ def test_cli_export_missing_model_is_one_line(tmp_path):
     r = edge_spl("export", str(tmp_path / "nothing"), cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_export_that_fails_its_check_is_removed(tmp_path):
+    """A forged head (T scaled by 1e6: symmetric positive definite, finite, but float32 cannot
+    keep onnxruntime and torch together on it) fails the check, and no export is left behind to
+    be served: neither the new one nor the one that was there."""
+    rng = np.random.default_rng(0)
+    good = make_model().with_whitened_head(rng.standard_normal((200, 8)).astype(np.float32),
+                                           rng.integers(0, 3, 200))
+    good.save(tmp_path / "m")
+    assert edge_spl("export", str(tmp_path / "m"), cwd=tmp_path).returncode == 0
+    bad = good.with_prototypes(good.prototypes())
+    bad.layers[-1]["T"] = bad.layers[-1]["T"] * np.float32(1e6)
+    bad.save(tmp_path / "m")
+    r = edge_spl("export", str(tmp_path / "m"), cwd=tmp_path)
+    assert r.returncode == 2 and "disagree" in r.stderr and "the export was removed" in r.stderr
+    assert sorted(os.listdir(tmp_path / "m")) == ["model.json", "model.npz"]
+
+
+def test_cli_train_names_its_features_and_doubts_a_measurement_as_label(tmp_path):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((120, 3))
+    csv = tmp_path / "t.csv"
+    csv.write_text("when,temp,hum,co2,occ\n" + "".join(
+        f"2015-02-{1 + i % 28:02d},{r[0]:.3f},{r[1]:.3f},{r[2]:.3f},{int(r[0] > 0)}\n" for i, r in enumerate(X)))
+    r = edge_spl("train", "--data", str(csv), "--label", "occ", "--hidden", "8", "--epochs", "1", "--quiet",
+                 "--out", str(tmp_path / "m"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "120 labelled rows, features 3 columns: 'temp', 'hum', 'co2'; 2 classes '0', '1'" in r.stdout
+    assert "warning" not in r.stdout
+    r = edge_spl("train", "--data", str(csv), "--label", "temp", "--hidden", "8", "--epochs", "1", "--quiet",
+                 "--out", str(tmp_path / "m2"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"warning: 1[12]\d classes with 1\.0 rows each on average: is the label column a "
+                     r"measurement\?", r.stdout), r.stdout
+
+
+def test_a_numeric_column_with_a_bad_cell_is_an_error_not_a_dropped_feature(tmp_path):
+    csv = tmp_path / "t.csv"
+    rows = [f"{i},{20 + i % 3},{30 + i % 5},{i % 2}" for i in range(1, 40)]
+    rows[9] = "10,21,,1"          # an empty humidity cell, on line 12 (a blank line before it)
+    csv.write_text("n,temp,hum,occ\n\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"t\.csv:12: column 'hum' is '': empty"):
+        load_training_data(str(csv), "occ")
+    rows[9] = "10,21,NA,1"
+    csv.write_text("n,temp,hum,occ\n\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"t\.csv:12: column 'hum' is 'NA': not a number"):
+        load_training_data(str(csv), "occ")
+    # a text column is still no feature, nor is the row counter n
+    csv.write_text("n,day,temp,occ\n" + "".join(f"{i},Mon,{i % 7},{i % 2}\n" for i in range(1, 20)))
+    assert load_training_data(str(csv), "occ").feature_names == ["temp"]
+    # a file without its header row says it may lack one
+    csv.write_text("".join(f"{i % 7},{i % 3},{i % 2}\n" for i in range(1, 20)))
+    with pytest.raises(DataError, match="does the file lack its header row"):
+        load_training_data(str(csv), "occ")

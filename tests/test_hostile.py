@@ -145,7 +145,7 @@ def test_manifest_fields_are_checked(tiny_model_dir):
         {"z_clip": -1}, {"z_clip": "10"}, {"sizes": [8, 16, 16, True]}, {"sizes": "8,3"},
         {"mean": [1e39] + [0.0] * 7}, {"std": [1e-50] * 8}, {"mean": ["a"] * 8}, {"std": [None] * 8},
         {"feature_names": list(range(8))}, {"class_names": ["c0", "c0", "c1"]}, {"dtype": "float64"},
-        {"onnx_sha256": 5},
+        {"onnx_sha256": 5}, {"std": [1e20] * 8},   # a std whose square (the running variance) is inf
     ]
     for change in bad:
         with pytest.raises(ModelError):
@@ -174,6 +174,36 @@ def test_an_onnx_graph_that_does_not_fit_its_manifest_is_refused_at_load(tmp_pat
     forged.save(str(tmp_path))
     loaded = ExportedModel.load(str(tmp_path))      # files consistent with each other
     with pytest.raises(ModelError, match="does not run with the manifest's shapes"):
+        OnnxModel(loaded)
+
+
+@pytest.mark.parametrize("name, value", [("T", np.nan), ("Wt0", np.inf), ("Wt1", 3e38)])
+def test_an_onnx_graph_with_damaged_baked_weights_is_refused_at_load(tmp_path, name, value):
+    """NaN in T, inf in W, or weights whose products overflow: each found by the load-time run,
+    not by NaN predictions on the stream (a zero row alone misses T and W: x = 0)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edge_spl.device.session import OnnxModel
+    from edge_spl.export.onnx_export import export_model
+
+    rng = np.random.default_rng(0)
+    state = make_model().with_whitened_head(rng.standard_normal((200, 8)).astype(np.float32),
+                                            rng.integers(0, 3, 200))
+    exported = export_model(state)
+    OnnxModel(exported)
+    graph = onnx.load_from_string(exported.onnx_bytes)
+    for k, init in enumerate(graph.graph.initializer):
+        if init.name == name:
+            a = numpy_helper.to_array(init).copy()
+            a.flat[::7] = value
+            graph.graph.initializer[k].CopyFrom(numpy_helper.from_array(a, name))
+            break
+    else:
+        raise AssertionError(f"no initializer {name}")
+    ExportedModel(exported.manifest, graph.SerializeToString(), exported.protos).save(str(tmp_path))
+    loaded = ExportedModel.load(str(tmp_path))      # files consistent with each other
+    with pytest.raises(ModelError, match="NaN or infinite .*baked weights are damaged"):
         OnnxModel(loaded)
 
 
@@ -225,6 +255,13 @@ def test_a_stream_survives_garbage_lines(tmp_path):
     assert [s.label for s in got] == ["x", None, "y"]
     assert len(bad) == 7 and {w for w, _ in bad} == {f"{f}:{n}" for n in (3, 4, 5, 6, 7, 9, 10)}
     assert any("float32" in why for _, why in bad) and any("non-finite" in why for _, why in bad)
+    whys = dict(bad)
+    assert whys[f"{f}:9"] == "column 'a' is '1e39': beyond the float32 range"
+    assert whys[f"{f}:10"] == "column 'a' is '-inf': non-finite"
+    f.write_bytes(b"a,b,label\n1,,x\n1,two,x\n")
+    bad.clear()
+    assert list(iter_samples(str(f), ["a", "b"], "label", on_bad=lambda w, why: bad.append((w, why)))) == []
+    assert [why for _, why in bad] == ["column 'b' is '': empty", "column 'b' is 'two': not a number"]
 
 
 # -- the command line ----------------------------------------------------------------------------
@@ -273,6 +310,23 @@ def test_cli_errors_stay_one_line(capsys, tmp_path, tiny_model_dir):
     # a folder where a file should be, deep in a command: one line, not an OSError traceback
     msg = one_line(capsys, ["demo", "--data", GAS_DIR, "--out", str(a_file)])
     assert str(a_file) in msg
+
+
+def test_a_model_folder_without_an_export_says_what_it_is_before_any_connection(capsys, tmp_path):
+    """--model of a missing folder, of a model not yet exported, of a server's state folder: each
+    one line saying what to give, at once (the broker named here listens nowhere, --wait 60)."""
+    trained = tmp_path / "trained"
+    make_model().save(trained)
+    server_state = tmp_path / "srv"
+    server_state.mkdir()
+    (server_state / "server.db").write_bytes(b"")
+    for folder, words in ((tmp_path / "none", "no such folder"), (trained, "run `edge-spl export"),
+                          (server_state, "a server's --state folder"), (tmp_path, "made by `edge-spl train`")):
+        t0 = time.monotonic()
+        msg = one_line(capsys, ["device", "--broker", "127.0.0.1:1", "--wait", "60", "--id", "d",
+                                "--source", write_csv(tmp_path / "s.csv", n=3), "--state", str(tmp_path / "st"),
+                                "--model", str(folder)])
+        assert words in msg and str(folder) in msg and time.monotonic() - t0 < 30
 
 
 def test_device_stdin_with_garbage_bytes_keeps_going(tmp_path, tiny_model_dir):

@@ -378,7 +378,7 @@ def test_a_device_pulling_its_model_takes_only_a_verified_release_and_its_manife
     fake.publish(env.topics.manifest, manifest, retain=True)
     fake.publish(env.topics.onnx, env.model.onnx_bytes, retain=True)
     fake.forge_release(P.encode_release(P.Release(7, sha, env.model.protos, {}, 0.0, sha256_hex(manifest))))
-    with pytest.raises(EdgeSplError, match="missing release"):
+    with pytest.raises(EdgeSplError, match="its release was refused .release is not signed"):
         env.device("puller1").pull_model(1.5)
     # a manifest other than the one the signed release names (another standardisation)
     doctored = manifest.replace(b'"model_id": "tiny"', b'"model_id": "evil"')
@@ -544,6 +544,7 @@ def test_rollback_errors_are_one_line(env, tmp_path, capsys):
     ]:
         code, out, err = run_cli(capsys, *base, *argv)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert err.startswith("edge-spl server rollback: error: "), err
     assert not os.path.exists(tmp_path / "nope")
     for to in ("x", "-1"):
         with pytest.raises(SystemExit):      # argparse: usage and a one-line error, exit 2
@@ -555,3 +556,14 @@ def test_rollback_errors_are_one_line(env, tmp_path, capsys):
         assert store.latest().version == 0
     finally:
         store.close()
+
+
+def test_a_device_that_verifies_says_the_unsigned_release_was_refused(env, tmp_path, capsys):
+    """An unsigned fleet and a device with --verify-key that must pull its model: the one-line
+    error names the refused release and why, not a missing one."""
+    env.server(signing_key=None)
+    code, _, err = run_cli(capsys, "device", "--broker", "%s:%d" % env.broker, "--fleet", env.fleet, "--id", "d1",
+                           "--state", str(tmp_path / "dev"), "--verify-key", env.pub_file, "--wait", "3",
+                           "--source", write_csv(tmp_path / "a.csv", n=5))
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "its release was refused (" in last and "not signed" in last, err

@@ -183,7 +183,9 @@ def build_parser(with_rollback: bool = True) -> argparse.ArgumentParser:
                    help="gas drift folder (trains on batch1.dat), occupancy folder "
                         "(datatraining.txt), a gas .dat file, or a CSV file with --label")
     t.add_argument("--label", metavar="COLUMN", help="label column of a CSV file")
-    t.add_argument("--features", metavar="COL,COL", help="CSV feature columns (default: every numeric column but the label)")
+    t.add_argument("--features", metavar="COL,COL",
+                   help="CSV feature columns (default: every column of mostly numbers but the label and "
+                        "a row counter; train prints them)")
     t.add_argument("--out", required=True, metavar="MODEL_DIR", help="folder to write model.npz and model.json to")
     t.add_argument("--hidden", default="256,256", metavar="N,N", help="hidden layer widths (default 256,256)")
     t.add_argument("--epochs", type=positive_int, default=60, help="training epochs (default 60)")
@@ -445,12 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     module, extra = COMMANDS[args.command]
+    name = f"{args.command} {args.server_action}" if getattr(args, "server_action", None) else args.command
     try:
         run = importlib.import_module(f"edge_spl.cli.{module}").run
     except ImportError as e:
         if (e.name or "").startswith("edge_spl"):
             raise
-        print(f"edge-spl {args.command}: missing dependency {e.name!r}; install it with "
+        print(f"edge-spl {name}: missing dependency {e.name!r}; install it with "
               f"pip install 'edge-spl[{extra}]'", file=sys.stderr)
         return 2
     try:
@@ -458,29 +461,29 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if (e.name or "edge_spl").split(".")[0] == "edge_spl":
             raise
-        print(f"edge-spl {args.command}: missing dependency {e.name!r}; install it with "
+        print(f"edge-spl {name}: missing dependency {e.name!r}; install it with "
               f"pip install 'edge-spl[{extra}]'", file=sys.stderr)
         return 2
     except EdgeSplError as e:
-        print(f"edge-spl {args.command}: error: {e}", file=sys.stderr)
+        print(f"edge-spl {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"edge-spl {args.command}: interrupted", file=sys.stderr)
+        print(f"edge-spl {name}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
         # the file system or the network refused something (a folder where a file should be, a
         # full disk, a port in use): the user's to fix, so one line like any EdgeSplError
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"edge-spl {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"edge-spl {name}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except MemoryError:
-        print(f"edge-spl {args.command}: error: out of memory", file=sys.stderr)
+        print(f"edge-spl {name}: error: out of memory", file=sys.stderr)
         return 1
     except Exception as e:
         # a bug: still one line (the traceback with --verbose), never a wall of text
         logging.getLogger("edge_spl").debug("internal error", exc_info=True)
-        print(f"edge-spl {args.command}: internal error ({type(e).__name__}: {str(e)[:200]}); "
-              f"`edge-spl --verbose {args.command} ...` shows the traceback", file=sys.stderr)
+        print(f"edge-spl {name}: internal error ({type(e).__name__}: {str(e)[:200]}); "
+              f"`edge-spl --verbose {name} ...` shows the traceback", file=sys.stderr)
         return 1
 
 

@@ -19,7 +19,7 @@ from edge_spl.device.learner import FFLearner
 from edge_spl.device.state import load_model, load_state, save_model, save_state
 from edge_spl.errors import DataError, EdgeSplError, ModelError, ProtocolError
 from edge_spl.files import atomic_write_bytes, lock_folder
-from edge_spl.manifest import MANIFEST_FILE, ExportedModel
+from edge_spl.manifest import MANIFEST_FILE, ExportedModel, check_export_dir
 from edge_spl.mqtt_auth import MqttAuth
 from edge_spl.protocol import LayerDelta, PrototypeDelta, Topics, check_name, split_delta
 
@@ -37,6 +37,7 @@ QUIET_EVERY = 500
 RESEND_AFTER = 60.0
 MAX_UNKNOWN_LABELS = 20
 MAX_OUTBOX = 32
+SHOWN_REFUSALS = 5   # refused deltas logged one by one; the rest are counted (and at the end, said)
 
 
 class Counters:
@@ -65,6 +66,8 @@ def run(args) -> int:
     if args.wait < 0:
         raise EdgeSplError(f"--wait {args.wait:g}: expected a number of seconds >= 0")
     _check_predictions_path(args)
+    if args.model:
+        check_export_dir(args.model)   # before any broker connection
     auth = MqttAuth.from_args(args)
     verify_key = None
     if getattr(args, "verify_key", None):
@@ -205,7 +208,12 @@ def _run(args, sync: DeviceSync | None) -> int:
                     log.debug("server already has delta seq %s", ev.value["seq"])
                 else:
                     c.rejected_seqs.add(ev.value["seq"])
-                    log.warning("server rejected delta seq %s: %s", ev.value["seq"], ev.value["reason"])
+                    if len(c.rejected_seqs) <= SHOWN_REFUSALS:
+                        log.warning("server rejected delta seq %s: %s%s", ev.value["seq"], ev.value["reason"],
+                                    "; further refusals are only counted" if len(c.rejected_seqs) == SHOWN_REFUSALS
+                                    else "")
+                    else:
+                        log.debug("server rejected delta seq %s: %s", ev.value["seq"], ev.value["reason"])
             elif ev.kind == "manifest" and ev.value.onnx_sha256 != model.manifest.onnx_sha256:
                 where = "--model" if args.model else f"its state in {args.state}"
                 log.warning("fleet %s runs model %s; this device runs %s (from %s): the server refuses "
@@ -272,6 +280,7 @@ def _run(args, sync: DeviceSync | None) -> int:
             raise EdgeSplError(f"--predictions {args.predictions}: cannot write ({e.strerror})") from None
         pred_writer = csv.writer(pred_file)
         pred_writer.writerow(["index", "prediction", "label", "version"])
+    interrupted = False
     try:
         c.t0 = time.perf_counter()
         for s in iter_samples(args.source, model.manifest.feature_names, args.label):
@@ -330,8 +339,11 @@ def _run(args, sync: DeviceSync | None) -> int:
                     log.warning("last delta may not have reached the broker (%s); it stays in the "
                                 "outbox in %s", e, args.state)
             if c.rejected_seqs:
-                log.warning("the server refused %d of this device's deltas (the reasons are above)",
+                log.warning("the server refused %d of this device's deltas (the first reasons are above)",
                             len(c.rejected_seqs))
+    except KeyboardInterrupt:   # Ctrl-C or the service manager's SIGTERM
+        interrupted = True
+        raise
     finally:
         if c.seconds == 0.0:
             c.seconds = time.perf_counter() - c.t0
@@ -342,6 +354,9 @@ def _run(args, sync: DeviceSync | None) -> int:
         _write_summary(args, learner, sync, c)
         if sync is not None:
             _report(sync, learner)   # what the offline status says when the device stops
+        if interrupted:
+            print(f"stopped after {c.samples} samples: what it learned and its outbox of "
+                  f"{len(learner.outstanding_)} deltas are saved in {args.state}", file=sys.stderr, flush=True)
     print(("" if args.quiet else "done: ") + c.line(learner),
           file=sys.stdout if args.quiet else sys.stderr, flush=True)
     return 0

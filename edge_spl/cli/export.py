@@ -1,5 +1,6 @@
 """`edge-spl export MODEL_DIR`: write model.onnx, prototypes.npz and manifest.json beside the
-trained model, then (unless --no-check) run onnxruntime against the torch model on the same inputs."""
+trained model, then (unless --no-check) run onnxruntime against the torch model on the same inputs;
+an export that fails the check, or is interrupted, is removed again."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import os
 import numpy as np
 
 from edge_spl.errors import ModelError
-from edge_spl.manifest import ONNX_FILE, ExportedModel, input_names, output_names
+from edge_spl.manifest import ONNX_FILE, ExportedModel, input_names, output_names, remove_export
 from edge_spl.model import ModelState
 from edge_spl.spl import Z_CLIP
 
@@ -80,21 +81,28 @@ def run(args) -> int:
 
     state = ModelState.load(args.model_dir)
     exported = export_model(state)
+    # An export that is not written whole, fails its check or is interrupted is removed: the
+    # files agree with each other, so a device or server would otherwise run them.
     try:
         exported.save(args.model_dir)
+        res = None if args.no_check else check_export(state, args.model_dir)
     except OSError as e:
+        remove_export(args.model_dir)
         raise ModelError(f"{args.model_dir}: cannot write the export ({e.strerror})") from None
+    except BaseException:
+        remove_export(args.model_dir)
+        raise
+    if res is not None and not res["ok"]:
+        remove_export(args.model_dir)
+        raise ModelError(f"onnxruntime and torch disagree on {args.model_dir}: max |logit diff| "
+                         f"{res['logit_diff']:.2e} exceeds {ATOL:g} + {RTOL:g}*|logit|; the export was removed")
     size_kb = os.path.getsize(os.path.join(args.model_dir, ONNX_FILE)) / 1024
     shape = "-".join(map(str, state.sizes))
     line = (f"exported {state.model_id} {shape} to {args.model_dir} "
             f"(model.onnx {size_kb:.0f} kB, opset {exported.manifest.opset}, prototypes.npz, manifest.json)")
-    if args.no_check:
+    if res is None:
         print(line + ", not checked")
         return 0
-    res = check_export(state, args.model_dir)
-    if not res["ok"]:
-        raise ModelError(f"onnxruntime and torch disagree on {args.model_dir}: max |logit diff| "
-                         f"{res['logit_diff']:.2e} exceeds {ATOL:g} + {RTOL:g}*|logit|")
     print(f"{line}; onnxruntime vs torch max |logit diff| {res['logit_diff']:.1e} "
           f"on {res['rows']} rows (tolerance {ATOL:g} + {RTOL:g}*|logit|)")
     return 0

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 
-from edge_spl.data import load_training_data
+from edge_spl.data import Dataset, columns, load_training_data
 from edge_spl.errors import DataError, ModelError
+from edge_spl.manifest import remove_export
 
 
 def parse_hidden(text: str) -> list[int]:
@@ -33,6 +34,7 @@ def run(args) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ModelError(f"--out {args.out}: is a file, expected a folder for the model")
     dataset = load_training_data(args.data, args.label, parse_features(args.features))
+    print(describe(dataset))
 
     from edge_spl.export.pretrain import pretrain
     from edge_spl.spl import WHITEN_SHRINK
@@ -41,7 +43,7 @@ def run(args) -> int:
                              seed=args.seed, progress=not args.quiet,
                              whiten=None if args.no_whiten else WHITEN_SHRINK)
     try:
-        stale = _remove_export(args.out)
+        stale = remove_export(args.out)
         state.save(args.out)
     except OSError as e:
         raise ModelError(f"--out {args.out}: cannot write the model ({e.strerror})") from None
@@ -60,15 +62,15 @@ def run(args) -> int:
     return 0
 
 
-def _remove_export(folder: str) -> list[str]:
-    """An export left beside a retrained model would be served (its manifest and ONNX agree with
-    each other) as if it were the new one: remove it, before the new model is written."""
-    from edge_spl.manifest import MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE
+def describe(dataset: Dataset) -> str:
+    """What train will learn from: the features (a column left out is visible here), the classes,
+    and a warning when the label column looks like a measurement rather than a class."""
+    classes = dataset.classes()
+    labelled = sum(v is not None for v in dataset.y)
+    line = (f"{labelled} labelled rows, features {columns(dataset.feature_names)}; "
+            f"{len(classes)} classes {columns(classes, show=4).split(': ', 1)[1]}")
+    if len(classes) > 20 and labelled < 10 * len(classes):
+        line += (f"\nwarning: {len(classes)} classes with {labelled / len(classes):.1f} rows each on average: "
+                 f"is the label column a measurement? Each distinct value is a class")
+    return line
 
-    gone = []
-    for name in (MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE):   # the manifest first: no half export loads
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            os.unlink(path)
-            gone.append(name)
-    return gone
