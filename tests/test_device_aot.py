@@ -111,3 +111,14 @@ def test_edge_spl_compile_builds_and_checks(built, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out
     assert main(["compile", "--dir", str(tmp_path / "new"), "--force"]) == 0
     assert "built" in capsys.readouterr().out
+
+
+def test_edge_spl_compile_prints_its_own_lines_only(built, tmp_path):
+    """setuptools logs every gcc call at INFO: not shown unless --verbose."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edge_spl", "compile", "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "built" in r.stdout, r.stderr
+    assert r.stderr.strip() == "", r.stderr

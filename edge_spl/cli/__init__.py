@@ -444,8 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         missing = [o for o in ("--broker", "--model", "--state") if getattr(args, o[2:]) is None]
         if missing:
             parser.server_parser.error(f"the following arguments are required: {', '.join(missing)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # edge-spl's own INFO lines; other libraries' only from WARNING up (setuptools logs each gcc
+    # call of `compile` at INFO, torch its tracing), unless --verbose
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("edge_spl").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     module, extra = COMMANDS[args.command]
     name = f"{args.command} {args.server_action}" if getattr(args, "server_action", None) else args.command
     try:
