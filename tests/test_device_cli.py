@@ -187,8 +187,13 @@ def test_unreleased_deltas_survive_a_restart_and_are_sent_again(tmp_path, tiny_m
         assert summary["versions_adopted"] == [1] and summary["outbox"] == 2   # no release covered them
         code, _, _ = run_cli(capsys, "--source", write_csv(tmp_path / "b.csv", n=10, seed=1), *common)
         assert code == 0
-        got = [server.deltas.get(timeout=5).seq for _ in range(5)]
-        assert got == [1, 2, 1, 2, 3]                     # the outbox went out again after the restart
+        assert [server.deltas.get(timeout=5).seq for _ in range(2)] == [1, 2]   # the first run's
+        again = []
+        while 3 not in again:
+            again.append(server.deltas.get(timeout=5).seq)
+        # the outbox went out again after the restart, then the new delta; MQTT QoS 1 is at least
+        # once, and a reconnect re-sends the outbox, so a delta may come twice
+        assert set(again) == {1, 2, 3}, again
         assert json.loads((state / "summary.json").read_text())["outbox"] == 3
     finally:
         server.close("dev2")
