@@ -109,12 +109,17 @@ def load_gas_batches(data_dir: str, batches) -> list[Dataset]:
 # -- CSV (occupancy and a user's own log) -----------------------------------------------------
 
 def columns(names: list[str], show: int = 6) -> str:
-    """Column names for a message: all of a few; of many, the count, the first and the last ones
-    (a label column is often last)."""
+    """Column names for a message, with their count (brief)."""
+    return f"{len(names)} column{'s' if len(names) != 1 else ''}: {brief(names, show)}"
+
+
+def brief(names: list[str], show: int = 6) -> str:
+    """Names for a message: all of a few; of many, the first and the last ones (a label column is
+    often last)."""
     q = [repr(c) for c in names]
     if len(q) <= show + 2:
-        return f"{len(q)} column{'s' if len(q) != 1 else ''}: {', '.join(q)}"
-    return f"{len(q)} columns: {', '.join(q[:show])}, ..., {', '.join(q[-2:])}"
+        return ", ".join(q)
+    return f"{', '.join(q[:show])}, ..., {', '.join(q[-2:])}"
 
 
 def _header(reader, where: str) -> list[str]:
@@ -154,14 +159,6 @@ def _float(v: str) -> float:
     if abs(x) > F32_MAX:
         raise ValueError("beyond the float32 range")
     return x
-
-
-def _float_ok(v: str) -> bool:
-    try:
-        _float(v)
-        return True
-    except ValueError:
-        return False
 
 
 def _is_number(v: str) -> bool:
@@ -323,10 +320,11 @@ def iter_samples(source: str, feature_names: list[str], label: str | None = None
             if len(row) != len(header):
                 on_bad(f"{name}:{n}", f"{len(row)} fields, header has {len(header)}")
                 continue
+            x = np.empty(len(cols), np.float32)
             try:
-                x = np.array([_float(row[j]) for j in cols], np.float32)
+                for k, j in enumerate(cols):
+                    x[k] = _float(row[j])
             except ValueError as e:
-                j = next(j for j in cols if not _float_ok(row[j]))
                 on_bad(f"{name}:{n}", f"column {header[j]!r} is {row[j][:40]!r}: {e}")
                 continue
             y = row[li].strip() or None if li is not None else None

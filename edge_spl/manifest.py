@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import ModelError
 from .files import atomic_write_bytes, pack_arrays, sha256_file, sha256_hex, unpack_arrays
+from .model import META_FILE
 from .spl import Z_CLIP, layer_dims
 
 FORMAT = 2   # 2: the head sees [z, h] (edge_spl.spl)
@@ -208,9 +209,9 @@ def check_export_dir(model_dir: str) -> None:
     missing = [n for n in (MANIFEST_FILE, ONNX_FILE, PROTOTYPES_FILE) if not os.path.isfile(os.path.join(model_dir, n))]
     if not missing:
         return
-    if os.path.isfile(os.path.join(model_dir, "model.json")):
+    if os.path.isfile(os.path.join(model_dir, META_FILE)):
         hint = f"run `edge-spl export {model_dir}` first"
-    elif os.path.isfile(os.path.join(model_dir, "server.db")):
+    elif os.path.isfile(os.path.join(model_dir, "server.db")):   # server.store.DB_FILE
         hint = "this is a server's --state folder: give the model folder the server runs (its --model)"
     else:
         hint = "expected a model folder made by `edge-spl train` and `edge-spl export`"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from edge_spl.data import Dataset, columns, load_training_data
+from edge_spl.data import Dataset, brief, columns, load_training_data
 from edge_spl.errors import DataError, ModelError
 from edge_spl.manifest import remove_export
 
@@ -68,7 +68,7 @@ def describe(dataset: Dataset) -> str:
     classes = dataset.classes()
     labelled = sum(v is not None for v in dataset.y)
     line = (f"{labelled} labelled rows, features {columns(dataset.feature_names)}; "
-            f"{len(classes)} classes {columns(classes, show=4).split(': ', 1)[1]}")
+            f"{len(classes)} classes {brief(classes, show=4)}")
     if len(classes) > 20 and labelled < 10 * len(classes):
         line += (f"\nwarning: {len(classes)} classes with {labelled / len(classes):.1f} rows each on average: "
                  f"is the label column a measurement? Each distinct value is a class")
